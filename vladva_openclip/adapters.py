@@ -1,0 +1,263 @@
+"""Saving and loading what VladVA trains: LoRA (peft's adapter format), soft prompts and logit_scale.
+
+An adapter directory holds:
+
+- ``adapter_config.json`` + ``adapter_model.safetensors``: the LoRA weights exactly as peft writes them, so
+  ``peft.PeftModel.from_pretrained(base_lvlm, dir)`` can use them directly;
+- ``vladva_extras.safetensors``: soft prompts and ``logit_scale``;
+- ``vladva_adapter.json``: the model name, backbone, prompt settings and a fingerprint of the base model,
+  checked on load so that an adapter made for another base fails with a clear error;
+- optionally ``base_model.safetensors``: full base weights (only for the tiny models, whose base is small).
+
+Everything is written to a temporary directory first and moved into place, so a crash never leaves a
+half-written adapter. Nothing is unpickled: safetensors, or ``torch.load(weights_only=True)`` for open_clip_train
+checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "vladva_adapter.json"
+EXTRAS_FILE = "vladva_extras.safetensors"
+LORA_FILE = "adapter_model.safetensors"
+BASE_FILE = "base_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter cannot be used with this model (wrong base, corrupt or incomplete files)."""
+
+
+def base_fingerprint(model) -> dict[str, Any]:
+    """What must match between the model an adapter was trained on and the one it is loaded into."""
+    cfg = model.lvlm.config
+    text = cfg.get_text_config()
+    return {
+        "backbone": model.cfg.backbone,
+        "hidden_size": int(text.hidden_size),
+        "num_hidden_layers": int(text.num_hidden_layers),
+        "vocab_size": int(text.vocab_size),
+        "base_model": model.cfg.base_model,
+    }
+
+
+def adapter_meta(model) -> dict[str, Any]:
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_name": model.model_name,
+        "fingerprint": base_fingerprint(model),
+        "image_prompt": {"text": model.cfg.image_prompt.text, "mode": model.cfg.image_prompt.mode},
+        "text_prompt": {"text": model.cfg.text_prompt.text, "mode": model.cfg.text_prompt.mode},
+        "lora": {"enabled": model.cfg.lora.enabled, "r": model.cfg.lora.r, "alpha": model.cfg.lora.alpha,
+                 "dropout": model.cfg.lora.dropout, "target_modules": model.cfg.lora.target_modules},
+        "merged": bool(model.merged),
+    }
+
+
+def _extras(model) -> dict[str, torch.Tensor]:
+    out = {"logit_scale": model.logit_scale.detach().float().reshape(1)}
+    for name in ("image_prompt", "text_prompt"):
+        soft = getattr(model, name).soft
+        if soft is not None:
+            out[f"{name}.soft"] = soft.detach().float()
+    return out
+
+
+def save_adapter(model, path: str | os.PathLike, include_base: bool = False) -> Path:
+    """Write ``model``'s trainable state as an adapter directory (atomically).
+
+    Args:
+        path: the directory to create or replace.
+        include_base: also write the full base weights (meant for tiny models only).
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    if model.merged:
+        raise AdapterError("LoRA is merged into the base weights; save the adapter before calling merge_adapters()")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if model.cfg.lora.enabled and getattr(model, "lora_config", None) is not None:
+            lora = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model.lvlm).items()}
+            save_file(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
+            cfg = model.lora_config
+            cfg.base_model_name_or_path = model.cfg.base_model
+            cfg.save_pretrained(str(tmp))
+        save_file({k: v.contiguous() for k, v in _extras(model).items()}, str(tmp / EXTRAS_FILE))
+        if include_base:
+            base = {k: v.detach().contiguous() for k, v in model.lvlm.state_dict().items() if "lora_" not in k}
+            base = {k.replace(".base_layer.", "."): v for k, v in base.items()}
+            save_file(_dedupe_shared(base), str(tmp / BASE_FILE))
+        (tmp / META_FILE).write_text(json.dumps(adapter_meta(model), indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _logger.info("saved adapter to %s", path)
+    return path
+
+
+def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing storage (tied embeddings): keep one copy of each."""
+    seen: dict[tuple[int, int], str] = {}
+    out = {}
+    for k, v in tensors.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if key in seen:
+            continue
+        seen[key] = k
+        out[k] = v
+    return out
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The adapter's ``vladva_adapter.json``, or None for a single-file checkpoint."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not path.is_dir():
+        return None
+    if not meta_file.is_file():
+        raise AdapterError(f"{path} is a directory but has no {META_FILE}; it is not a VladVA adapter")
+    try:
+        return json.loads(meta_file.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{meta_file} is corrupt: {err}") from err
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise AdapterError(f"cannot read {file}: {err} (the file is corrupt or not safetensors)") from err
+
+
+def load_base_weights(model_lvlm, path: Path) -> bool:
+    """Load ``base_model.safetensors`` from an adapter dir into the (not yet LoRA-wrapped) LVLM, if present."""
+    file = path / BASE_FILE if path.is_dir() else None
+    if file is None or not file.is_file():
+        return False
+    state = _load_safetensors(file)
+    missing, unexpected = model_lvlm.load_state_dict(state, strict=False)
+    tied = set(getattr(model_lvlm, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise AdapterError(f"{file} does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return True
+
+
+def check_compatible(model, meta: dict[str, Any], source: str) -> None:
+    mine = base_fingerprint(model)
+    theirs = meta.get("fingerprint", {})
+    diffs = {k: (theirs.get(k), v) for k, v in mine.items() if k != "base_model" and theirs.get(k) != v}
+    if diffs:
+        details = ", ".join(f"{k}: adapter {a!r} vs model {b!r}" for k, (a, b) in diffs.items())
+        raise AdapterError(
+            f"adapter {source} was made for another base model ({meta.get('model_name')!r}); {details}. "
+            f"Create the model it was trained for: open_clip.create_model({meta.get('model_name')!r}, pretrained=...)"
+        )
+    if theirs.get("base_model") != mine.get("base_model"):
+        _logger.warning("adapter %s was trained on base %r; loading into base %r", source,
+                        theirs.get("base_model"), mine.get("base_model"))
+
+
+def load_adapter(model, path: str | os.PathLike) -> None:
+    """Load an adapter directory, a ``.safetensors`` trainable state dict, or an open_clip_train ``.pt``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"adapter {path} does not exist")
+    if path.is_dir():
+        meta = read_meta(path)
+        check_compatible(model, meta, str(path))
+        _load_adapter_dir(model, path)
+    elif path.suffix == ".safetensors":
+        _load_trainable(model, _load_safetensors(path), str(path))
+    else:
+        try:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types for a bad file
+            raise AdapterError(f"cannot read checkpoint {path}: {err}") from err
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+        if not isinstance(state, dict):
+            raise AdapterError(f"{path} holds no state_dict")
+        state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+        _load_trainable(model, state, str(path))
+    _logger.info("loaded adapter %s", path)
+
+
+def _load_adapter_dir(model, path: Path) -> None:
+    from peft.utils import set_peft_model_state_dict
+
+    lora_file = path / LORA_FILE
+    if model.cfg.lora.enabled:
+        if not lora_file.is_file():
+            raise AdapterError(f"{path} has no {LORA_FILE} but the model expects LoRA weights")
+        lora = _load_safetensors(lora_file)
+        result = set_peft_model_state_dict(model.lvlm, lora)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise AdapterError(f"{lora_file} has LoRA weights this model lacks: {unexpected[:5]}")
+        expected = {k for k in model.lvlm.state_dict() if "lora_" in k}
+        loaded = len(lora)
+        if loaded != len(expected):
+            raise AdapterError(f"{lora_file} holds {loaded} LoRA tensors, the model has {len(expected)}")
+    extras_file = path / EXTRAS_FILE
+    if not extras_file.is_file():
+        raise AdapterError(f"{path} is missing {EXTRAS_FILE}")
+    _load_extras(model, _load_safetensors(extras_file), str(extras_file))
+
+
+def _load_extras(model, extras: dict[str, torch.Tensor], source: str) -> None:
+    with torch.no_grad():
+        if "logit_scale" not in extras:
+            raise AdapterError(f"{source} has no logit_scale")
+        model.logit_scale.copy_(extras["logit_scale"].reshape(()))
+        for name in ("image_prompt", "text_prompt"):
+            soft = getattr(model, name).soft
+            key = f"{name}.soft"
+            if (soft is None) != (key not in extras):
+                raise AdapterError(f"{source}: {name} soft prompt present in one of adapter/model but not the other; "
+                                   f"create the model with the adapter's prompt modes")
+            if soft is not None:
+                if tuple(extras[key].shape) != tuple(soft.shape):
+                    raise AdapterError(f"{source}: {key} has shape {tuple(extras[key].shape)}, model expects "
+                                       f"{tuple(soft.shape)}")
+                soft.copy_(extras[key])
+
+
+def _load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict of trainable tensors (as the trainer saves them), strictly on the trainable keys."""
+    mine = model.trainable_state_dict()
+    if model.merged:
+        raise AdapterError("cannot load an adapter into a model whose LoRA is already merged")
+    missing = sorted(set(mine) - set(state))
+    unexpected = sorted(k for k in set(state) - set(mine))
+    if missing or unexpected:
+        raise AdapterError(f"{source} does not match this model's trainable parameters: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]} (was it trained for another model or prompt setting?)")
+    with torch.no_grad():
+        for k, p in mine.items():
+            if tuple(state[k].shape) != tuple(p.shape):
+                raise AdapterError(f"{source}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
+            p.copy_(state[k])

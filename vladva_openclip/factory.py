@@ -1,0 +1,204 @@
+"""Building VladVA models and tokenizers: resolve config -> build base -> wrap -> load adapter -> finalise."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapters import load_adapter, load_base_weights, read_meta
+from .backbones import WeightsNotFoundError, get_backbone
+from .config import VladVAConfig
+from .model import VladVA
+from .registry import get_pretrained_cfg, get_vladva_config, pretrained_tags
+from .tokenizer import VladVATokenizer, load_hf_tokenizer
+from .transforms import preprocess_cfg
+
+_logger = logging.getLogger(__name__)
+
+# create_model keyword -> config field it overrides ("section.field" for nested fields).
+CONFIG_OVERRIDES: dict[str, str] = {
+    "base_model": "base_model",
+    "lora_r": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "use_lora": "lora.enabled",
+    "image_prompt": "image_prompt.text",
+    "text_prompt": "text_prompt.text",
+    "image_prompt_mode": "image_prompt.mode",
+    "text_prompt_mode": "text_prompt.mode",
+    "init_logit_scale": "init_logit_scale",
+    "context_length": "context_length",
+}
+# open_clip precision -> dtype of the frozen base (trainable parameters always stay fp32).
+BASE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32, "amp": torch.float32, "amp_fp16": torch.float32, "amp_bfloat16": torch.bfloat16,
+    "amp_bf16": torch.bfloat16, "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16,
+    "pure_fp16": torch.float16,
+}
+# open_clip arguments that have no meaning for an LVLM tower.
+_UNSUPPORTED = ("jit", "force_quick_gelu", "force_custom_text", "force_patch_dropout", "pretrained_image_path",
+                "pretrained_text_path")
+RANDOM_INIT_SEED = 0
+
+
+def resolve_pretrained(name: str, pretrained: str | None) -> tuple[Path | None, dict[str, Any]]:
+    """A tag or a path -> (local path or None, preprocessing keys from the tag)."""
+    if not pretrained:
+        return None, {}
+    tag_cfg = get_pretrained_cfg(name, pretrained)
+    if tag_cfg is not None:
+        if "file" not in tag_cfg:
+            from open_clip.pretrained import download_pretrained
+
+            return Path(download_pretrained(tag_cfg)), tag_cfg
+        return Path(tag_cfg["file"]), tag_cfg
+    path = Path(os.path.expanduser(pretrained))
+    if path.exists():
+        return path, {}
+    tags = sorted(pretrained_tags().get(name, {}))
+    raise ValueError(f"pretrained={pretrained!r} for {name!r} is neither a registered tag ({tags or 'none'}) nor an "
+                     f"existing adapter directory / .safetensors / .pt file")
+
+
+def build_config(name: str, overrides: dict[str, Any], adapter_meta: dict[str, Any] | None) -> VladVAConfig:
+    cfg = VladVAConfig.from_dict(get_vladva_config(name)["vladva_cfg"], where=name)
+    changes: dict[str, Any] = {}
+    if adapter_meta:
+        # The adapter's own structure (prompt modes, LoRA shape) wins over the registered defaults.
+        for key in ("image_prompt", "text_prompt"):
+            changes[f"{key}.text"] = adapter_meta[key]["text"]
+            changes[f"{key}.mode"] = adapter_meta[key]["mode"]
+        for key, value in adapter_meta.get("lora", {}).items():
+            changes[f"lora.{key}"] = value
+    for key, value in overrides.items():
+        changes[CONFIG_OVERRIDES[key]] = value
+    return cfg.replace(**changes) if changes else cfg
+
+
+def build_tokenizer(cfg: VladVAConfig, context_length: int | None = None, cache_dir: str | None = None):
+    source = cfg.tokenizer or cfg.base_model
+    if source is None:
+        raise ValueError("the model config names no tokenizer")
+    return VladVATokenizer(load_hf_tokenizer(source, cache_dir=cache_dir), context_length or cfg.context_length)
+
+
+def _base_source(cfg: VladVAConfig) -> str | None:
+    if cfg.base_model is None:
+        return None
+    root = os.environ.get("VLADVA_BASE_DIR")
+    if root:
+        candidate = Path(root) / cfg.base_model.split("/")[-1]
+        if candidate.is_dir():
+            return str(candidate)
+    return cfg.base_model
+
+
+def build_lvlm(cfg: VladVAConfig, device: torch.device, dtype: torch.dtype, load_weights: bool,
+               adapter_path: Path | None, cache_dir: str | None):
+    backbone = get_backbone(cfg.backbone)
+    source = _base_source(cfg)
+    if device.type == "meta":
+        with torch.device("meta"):
+            return backbone.build_random(cfg.hf_config, dtype)
+    ships_base = adapter_path is not None and adapter_path.is_dir() and (adapter_path / "base_model.safetensors").is_file()
+    if source is not None and load_weights and not ships_base:
+        return backbone.load_pretrained(source, dtype, cache_dir=cache_dir)
+    if source is not None and not ships_base:
+        _logger.warning("load_weights=False: %s is built with RANDOM weights (architecture only)", source)
+    # Random init is seeded so that a tiny model (and its LoRA init) is the same on every call and machine.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        lvlm = backbone.build_random(cfg.hf_config, torch.float32)
+    if ships_base:
+        load_base_weights(lvlm, adapter_path)
+    return lvlm.to(dtype)
+
+
+def create_vladva(
+    model_name: str,
+    pretrained: str | None = None,
+    load_weights: bool = True,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    force_image_size: int | None = None,
+    force_preprocess_cfg: dict[str, Any] | None = None,
+    force_context_length: int | None = None,
+    cache_dir: str | None = None,
+    output_dict: bool | None = None,
+    require_pretrained: bool = False,
+    **kwargs: Any,
+) -> VladVA:
+    """Build a registered VladVA model; the open_clip ``create_model`` signature, plus config overrides.
+
+    Args:
+        model_name: a registered ``vladva-*`` name.
+        pretrained: a registered tag, an adapter directory, a ``.safetensors`` trainable state dict or an
+            open_clip_train ``.pt`` checkpoint. Base weights always come from the config's ``base_model`` (a
+            Hugging Face id or, with ``base_model=``/``VLADVA_BASE_DIR``, a local directory).
+        precision: open_clip precision; decides the frozen base dtype (``bf16`` variants: bfloat16).
+        device: ``"meta"`` builds the architecture without weights (parameter counting, planning).
+        **kwargs: overrides from ``CONFIG_OVERRIDES`` (e.g. ``lora_r=8``, ``image_prompt_mode="both"``).
+    """
+    for key in _UNSUPPORTED:
+        if kwargs.pop(key, None):
+            _logger.warning("%s has no effect on VladVA models; ignored", key)
+    for key in ("init_logit_bias", "weights_only", "pretrained_image", "pretrained_text", "cast_dtype"):
+        kwargs.pop(key, None)
+    unknown = sorted(set(kwargs) - set(CONFIG_OVERRIDES))
+    if unknown:
+        raise TypeError(f"unexpected arguments for {model_name}: {unknown}; VladVA options: {sorted(CONFIG_OVERRIDES)}")
+    if precision not in BASE_DTYPES:
+        raise ValueError(f"precision {precision!r} is not supported; choose from {sorted(BASE_DTYPES)}")
+    name = model_name.replace("/", "-")
+    path, tag_cfg = resolve_pretrained(name, pretrained)
+    if require_pretrained and path is None:
+        raise ValueError(f"{name} needs pretrained=<tag or adapter path>; tags: {sorted(pretrained_tags().get(name, {}))}")
+    meta = read_meta(path) if path is not None else None
+    if force_context_length:
+        kwargs["context_length"] = force_context_length
+    cfg = build_config(name, kwargs, meta)
+    if force_image_size:
+        size = force_image_size if isinstance(force_image_size, int) else force_image_size[0]
+        cfg = cfg.replace(image_size=int(size))
+    device = torch.device(device)
+    dtype = BASE_DTYPES[precision]
+    try:
+        tokenizer = build_tokenizer(cfg, cache_dir=cache_dir)
+    except WeightsNotFoundError:
+        if device.type != "meta":
+            raise
+        # On the meta device only the template's token counts matter; the shipped tokenizer stands in.
+        _logger.warning("tokenizer %s unavailable; using a stand-in for the meta-device build", cfg.tokenizer)
+        tokenizer = VladVATokenizer(load_hf_tokenizer("asset:tiny-llava"), cfg.context_length)
+    lvlm = build_lvlm(cfg, device, dtype, load_weights, path, cache_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = VladVA(cfg, lvlm, tokenizer, name=name)
+        model.add_lora()
+    model.tokenizer = tokenizer
+    if path is not None:
+        load_adapter(model, path)
+    if device.type != "meta":
+        model.to(device)
+    pp = preprocess_cfg(cfg)
+    pp.update({k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg})
+    pp.update(force_preprocess_cfg or {})
+    model.visual.preprocess_cfg = pp
+    model.visual.image_mean, model.visual.image_std = pp["mean"], pp["std"]
+    if output_dict is not None:
+        model.output_dict = output_dict
+    return model
+
+
+def count_parameters(model: VladVA) -> dict[str, int]:
+    """Parameter counts: the base LVLM (LoRA excluded), LoRA, soft prompts and the total trainable."""
+    base = sum(p.numel() for n, p in model.lvlm.named_parameters() if "lora_" not in n)
+    lora = sum(p.numel() for n, p in model.lvlm.named_parameters() if "lora_" in n)
+    groups = model.trainable_groups()
+    return {
+        "base": base, "lora": lora, "soft_prompt": sum(p.numel() for _, p in groups["soft_prompt"]),
+        "trainable": sum(p.numel() for g in groups.values() for _, p in g),
+    }

@@ -1,0 +1,139 @@
+"""The seam with open_clip: make open_clip's own entry points handle ``vladva-*`` names, reversibly.
+
+open_clip 3.3.0 picks the model class in hard-coded branches, so ``create_model`` is wrapped; the wrapper
+dispatches only on VladVA names and passes every other call through untouched. ``create_model_and_transforms``
+and ``create_model_from_pretrained`` look ``create_model`` up in ``open_clip.factory`` at call time, so they follow.
+Other modules that imported a function by name (``open_clip``, ``open_clip_train.main``/``zero_shot``...) hold
+their own binding: every module-level alias of an original is rebound, and restored by :func:`uninstall`.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import sys
+from typing import Any, Callable
+
+_logger = logging.getLogger(__name__)
+
+_MARK = "__vladva_wrapped__"
+# (module, attribute, original) for every binding changed, so uninstall restores exactly these.
+_patched: list[tuple[Any, str, Any]] = []
+_added_tags: list[tuple[str, str]] = []
+_added_config_path: list[Any] = []
+
+
+def _vladva_create_model(original: Callable) -> Callable:
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def create_model(*args: Any, **kwargs: Any):
+        from .registry import is_vladva_name
+
+        bound = signature.bind(*args, **kwargs)
+        name = bound.arguments.get("model_name")
+        if not is_vladva_name(name):
+            return original(*args, **kwargs)
+        from .factory import create_vladva
+
+        params = dict(bound.arguments)
+        params.update(params.pop("model_kwargs", {}))
+        params.pop("model_name")
+        return create_vladva(name, **params)
+
+    setattr(create_model, _MARK, True)
+    return create_model
+
+
+def _vladva_get_tokenizer(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def get_tokenizer(model_name: str = "", context_length: int | None = None, cache_dir: str | None = None,
+                      **kwargs: Any):
+        from .registry import is_vladva_name
+
+        if not is_vladva_name(model_name):
+            return original(model_name, context_length=context_length, cache_dir=cache_dir, **kwargs)
+        from .config import VladVAConfig
+        from .factory import build_tokenizer
+        from .registry import get_vladva_config
+
+        name = model_name.replace("/", "-")
+        cfg = VladVAConfig.from_dict(get_vladva_config(name)["vladva_cfg"], where=name)
+        return build_tokenizer(cfg, context_length=context_length, cache_dir=cache_dir)
+
+    setattr(get_tokenizer, _MARK, True)
+    return get_tokenizer
+
+
+WRAPPERS: dict[str, Callable[[Callable], Callable]] = {
+    "create_model": _vladva_create_model,
+    "get_tokenizer": _vladva_get_tokenizer,
+}
+
+
+def _rebind(original: Callable, wrapper: Callable) -> None:
+    for module in list(sys.modules.values()):
+        namespace = getattr(module, "__dict__", None)
+        if not namespace:
+            continue
+        for attr, value in list(namespace.items()):
+            if value is original:
+                setattr(module, attr, wrapper)
+                _patched.append((module, attr, original))
+
+
+def is_installed() -> bool:
+    import open_clip.factory as factory
+
+    return getattr(factory.create_model, _MARK, False)
+
+
+def install() -> None:
+    """Register the VladVA configs and pretrained tags with open_clip and wrap its entry points (idempotent).
+
+    Modules imported later that bind open_clip functions by name (e.g. ``open_clip_train.main``) are covered
+    by calling ``install()`` again after importing them; the trainer does so.
+    """
+    import open_clip
+    import open_clip.factory as factory
+    import open_clip.pretrained as oc_pretrained
+
+    from .registry import CONFIG_DIR, pretrained_tags
+
+    if not is_installed():
+        factory._MODEL_CONFIG_PATHS.append(CONFIG_DIR)
+        _added_config_path.append(CONFIG_DIR)
+        factory._rescan_model_configs()
+        for name, tags in pretrained_tags().items():
+            for tag, cfg in tags.items():
+                if tag not in oc_pretrained._PRETRAINED.get(name, {}):
+                    oc_pretrained._PRETRAINED.setdefault(name, {})[tag] = cfg
+                    _added_tags.append((name, tag))
+    # Rebind every alias of the originals, including ones created since the last install().
+    for attr, make in WRAPPERS.items():
+        current = getattr(factory, attr)
+        original = getattr(current, "__wrapped__", current) if getattr(current, _MARK, False) else current
+        wrapper = current if getattr(current, _MARK, False) else make(original)
+        _rebind(original, wrapper)
+    _logger.debug("open_clip integration installed (%s)", open_clip.__version__)
+
+
+def uninstall() -> None:
+    """Undo :func:`install`: open_clip's functions, configs and pretrained tags are as before."""
+    import open_clip.factory as factory
+    import open_clip.pretrained as oc_pretrained
+
+    while _patched:
+        module, attr, original = _patched.pop()
+        setattr(module, attr, original)
+    while _added_tags:
+        name, tag = _added_tags.pop()
+        tags = oc_pretrained._PRETRAINED.get(name, {})
+        tags.pop(tag, None)
+        if not tags:
+            oc_pretrained._PRETRAINED.pop(name, None)
+    while _added_config_path:
+        path = _added_config_path.pop()
+        if path in factory._MODEL_CONFIG_PATHS:
+            factory._MODEL_CONFIG_PATHS.remove(path)
+    factory._rescan_model_configs()

@@ -1,0 +1,402 @@
+"""VladVA: a generative LVLM used as a CLIP-like two-tower embedding model (open_clip's model contract).
+
+Image tower: the full LVLM over ``[template | image tokens | image prompt]``; text tower: its LLM over
+``[template | caption | text prompt]``. Both embeddings are the final-layer hidden state of the last token.
+The towers share every LLM weight; each has its own prompt. Trainable: LoRA on the LLM, the soft prompts and
+``logit_scale``; everything else is frozen.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from types import SimpleNamespace
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ar import caption_targets, token_nll
+from .backbones import Backbone, get_backbone
+from .config import VladVAConfig
+from .kernels import last_token_pool
+from .prompts import ModalityPrompt, TemplateParts
+from .sequence import assemble
+from .tokenizer import VladVATokenizer, caption_lengths
+
+_logger = logging.getLogger(__name__)
+
+
+class VisualInfo(SimpleNamespace):
+    """What open_clip reads from ``model.visual`` (image size, preprocess config). Deliberately not a Module:
+    registering the vision tower a second time would duplicate its keys in ``state_dict``."""
+
+
+class VladVA(nn.Module):
+    """VladVA embedding model around a transformers LVLM.
+
+    Args:
+        cfg: the model's configuration.
+        lvlm: the base ``LlavaForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` (weights loaded).
+        tokenizer: the caption tokenizer (its ids build the templates).
+        name: registered model name, recorded in saved adapters.
+    """
+
+    def __init__(self, cfg: VladVAConfig, lvlm: nn.Module, tokenizer: VladVATokenizer, name: str = "vladva"):
+        super().__init__()
+        self.cfg = cfg
+        self.model_name = name
+        self.backbone: Backbone = get_backbone(cfg.backbone)
+        self.lvlm = lvlm
+        self.backbone.check_image_size(lvlm.config, cfg.image_size)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.context_length = cfg.context_length
+        self.vocab_size = tokenizer.vocab_size
+        self.output_dict = True
+        self.visual = VisualInfo(image_size=(cfg.image_size, cfg.image_size), image_mean=cfg.image_mean,
+                                 image_std=cfg.image_std, preprocess_cfg={})
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = None
+        self._ar_chunk = 1024
+
+        emb = self.embedding
+        body_ids = self.backbone.image_body_ids(lvlm.config, cfg.image_size)
+        self.register_buffer("image_body_ids", torch.tensor(body_ids, dtype=torch.long), persistent=False)
+        self.image_prompt = self._build_prompt(cfg.template.image, cfg.image_prompt, tokenizer, emb)
+        self.text_prompt = self._build_prompt(cfg.template.text, cfg.text_prompt, tokenizer, emb)
+        self._freeze_base()
+
+    # ---- construction helpers -----------------------------------------------------------------------------
+    def _build_prompt(self, template: str, pcfg, tokenizer: VladVATokenizer, emb: nn.Embedding) -> ModalityPrompt:
+        parts = TemplateParts.parse(template)
+        prefix = ([tokenizer.bos_token_id] if self.cfg.template.add_bos and tokenizer.bos_token_id is not None
+                  else []) + tokenizer.encode(parts.pre, special=True)
+        return ModalityPrompt(
+            pcfg, prefix, tokenizer.encode(parts.mid, special=True), tokenizer.encode(pcfg.text, special=False),
+            tokenizer.encode(parts.post, special=True), emb,
+        )
+
+    def _freeze_base(self) -> None:
+        for p in self.lvlm.parameters():
+            p.requires_grad_(False)
+
+    def add_lora(self) -> None:
+        """Inject LoRA (peft, in place, readable keys) into the LLM's linear layers; LoRA weights train in fp32."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lcfg = self.cfg.lora
+        if not lcfg.enabled:
+            return
+        config = LoraConfig(r=lcfg.r, lora_alpha=lcfg.alpha, lora_dropout=lcfg.dropout,
+                            target_modules=lcfg.target_modules, bias="none")
+        inject_adapter_in_model(config, self.lvlm)
+        self.lora_config = config
+        for name, p in self.lvlm.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(True)
+                if p.dtype != torch.float32 and p.device.type != "meta":
+                    p.data = p.data.float()
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.backbone.input_embeddings(self.lvlm)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.backbone.language_model(self.lvlm)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.embedding.weight.shape[1])
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    # ---- input checks -------------------------------------------------------------------------------------
+    def _check_image(self, image: torch.Tensor) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"image must be a torch.Tensor [B,3,H,W], got {type(image).__name__}; "
+                            f"apply the model's preprocess transform to PIL images first")
+        size = self.cfg.image_size
+        if image.dim() == 3:
+            raise ValueError(f"image must be batched [B,3,{size},{size}], got {tuple(image.shape)}; "
+                             f"use image.unsqueeze(0) for a single image")
+        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (size, size):
+            raise ValueError(f"image must have shape [B,3,{size},{size}] (the model's preprocess output), "
+                             f"got {tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"image must be a float tensor normalised by the model's preprocess, got {image.dtype}; "
+                            f"uint8 images need the preprocess transform (ToTensor + Normalize)")
+        return image.to(device=self.device, dtype=self.base_dtype)
+
+    def _check_text(self, text: torch.Tensor) -> torch.Tensor:
+        if not isinstance(text, torch.Tensor) or text.dtype not in (torch.int64, torch.int32):
+            raise TypeError("text must be the LongTensor [B, L] returned by the model's tokenizer "
+                            "(open_clip.get_tokenizer(name)); got "
+                            f"{type(text).__name__ if not isinstance(text, torch.Tensor) else text.dtype}")
+        if text.dim() != 2:
+            raise ValueError(f"text must be [B, L] token ids, got shape {tuple(text.shape)}")
+        if text.numel() and (int(text.min()) < 0 or int(text.max()) >= self.embedding.num_embeddings):
+            raise ValueError(f"text holds token ids outside [0, {self.embedding.num_embeddings}); was it made by "
+                             f"another model's tokenizer?")
+        return text.to(self.device).long()
+
+    # ---- towers -------------------------------------------------------------------------------------------
+    def _run_llm(self, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor | None,
+                 image: bool) -> torch.Tensor:
+        pos = None
+        if ids is not None:
+            pos = self.backbone.position_ids(self.lvlm, ids, mask, self.cfg.image_size if image else None)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+        return out.last_hidden_state
+
+    def _image_sequence(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B,3,H,W]`` -> (embeds ``[B, T_img, H]``, ids ``[B, T_img]``); every row has the same length."""
+        emb = self.embedding
+        b = image.shape[0]
+        feats = self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
+        body_ids = self.image_body_ids.unsqueeze(0).expand(b, -1)
+        body = emb(body_ids)
+        slots = body_ids == self.backbone.image_token_id(self.lvlm.config)
+        body = body.masked_scatter(slots.unsqueeze(-1), feats)
+        prompt = self.image_prompt
+        lengths = torch.full((b,), body.shape[1], device=body.device, dtype=torch.long)
+        embeds, _ = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
+        ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
+        return embeds, ids
+
+    def _text_sequence(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Caption ids ``[B, L]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``)."""
+        emb = self.embedding
+        lengths = caption_lengths(text, self.pad_token_id)
+        text = text[:, : max(int(lengths.max()), 1)] if text.shape[0] else text
+        prompt = self.text_prompt
+        embeds, mask = assemble(prompt.prefix_embeds(emb), emb(text), lengths, prompt.suffix_embeds(emb))
+        ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), text, lengths, prompt.suffix_ids.unsqueeze(0))
+        return embeds, ids, mask
+
+    def _empty(self) -> torch.Tensor:
+        return torch.zeros(0, self.embed_dim, device=self.device, dtype=torch.float32)
+
+    def encode_image(self, image: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Image embeddings.
+
+        Args:
+            image: ``[B, 3, S, S]`` float, as produced by the model's preprocess transform.
+            normalize: L2-normalise the result.
+
+        Returns:
+            ``[B, D]`` float32, ``D`` = the LLM hidden size.
+        """
+        image = self._check_image(image)
+        if image.shape[0] == 0:
+            return self._empty()
+        embeds, ids = self._image_sequence(image)
+        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+        hidden = self._run_llm(embeds, mask, ids, image=True)
+        return last_token_pool(hidden, mask, normalize=normalize).float()
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        """Text embeddings.
+
+        Args:
+            text: ``[B, L]`` caption ids from the model's tokenizer (right padded; any width).
+            normalize: L2-normalise the result.
+
+        Returns:
+            ``[B, D]`` float32.
+        """
+        text = self._check_text(text)
+        if text.shape[0] == 0:
+            return self._empty()
+        embeds, ids, mask = self._text_sequence(text)
+        hidden = self._run_llm(embeds, mask, ids, image=False)
+        return last_token_pool(hidden, mask, normalize=normalize).float()
+
+    def image_features_and_ar(
+        self, image: torch.Tensor, long_caption: torch.Tensor, compute_ar: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One causal pass over ``[image part | image prompt | long caption | EOS]``.
+
+        The summary token precedes the caption, so with causal attention the caption cannot change it: the image
+        embedding equals ``encode_image``'s, and the same pass gives the next-token loss of the caption
+        conditioned on the image and the image prompt.
+
+        Args:
+            image: ``[B, 3, S, S]``.
+            long_caption: ``[B, L]`` right-padded caption ids (an all-pad row: no AR tokens for that sample).
+            compute_ar: False skips the caption (GradCache's no-grad pass needs only the features and counts).
+
+        Returns:
+            (normalised image features ``[B, D]`` fp32, per-sample NLL sums ``[B]`` fp32, token counts ``[B]``).
+        """
+        image = self._check_image(image)
+        long_caption = self._check_text(long_caption)
+        emb = self.embedding
+        img_embeds, img_ids = self._image_sequence(image)
+        t_img = img_ids.shape[1]
+        lengths = caption_lengths(long_caption, self.pad_token_id)
+        counts = torch.where(lengths > 0, lengths + 1, torch.zeros_like(lengths))
+        if not compute_ar or int(lengths.max()) == 0:
+            mask = torch.ones(img_ids.shape, dtype=torch.long, device=img_ids.device)
+            hidden = self._run_llm(img_embeds, mask, img_ids, image=True)
+            feats = last_token_pool(hidden, mask, normalize=True).float()
+            return feats, torch.zeros_like(feats[:, 0]), counts.float()
+        cap = long_caption[:, : int(lengths.max())]
+        eos = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=cap.device)
+        # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
+        embeds, mask = assemble(img_embeds, emb(cap), lengths, emb(eos))
+        ids, _ = assemble(img_ids, cap, lengths, eos)
+        hidden = self._run_llm(embeds, mask, ids, image=True)
+        feats = F.normalize(hidden[:, t_img - 1].float(), dim=-1)
+        targets, tmask = caption_targets(cap, lengths, self.eos_token_id)
+        # Position t_img-1+j predicts targets[:, j].
+        pred = hidden[:, t_img - 1: t_img - 1 + targets.shape[1]]
+        nll = token_nll(pred[tmask], self.backbone.lm_head(self.lvlm).weight, targets[tmask], chunk=self._ar_chunk)
+        sample = torch.arange(cap.shape[0], device=cap.device).unsqueeze(1).expand_as(tmask)[tmask]
+        nll_sum = torch.zeros(cap.shape[0], device=nll.device, dtype=torch.float32).index_add(0, sample, nll)
+        return feats, nll_sum, counts.float()
+
+    def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, Any]:
+        """open_clip's training/eval forward.
+
+        Args:
+            image: ``[B, 3, S, S]`` or None.
+            text: ``[B, L]`` caption ids, or ``[B, 2, L]`` packed (row 0 short caption, row 1 long caption) for
+                training with the AR loss; or None.
+
+        Returns:
+            dict with ``image_features``/``text_features`` (normalised, ``[B, D]``, or None), exponentiated
+            ``logit_scale``, ``logit_bias`` (None) and, for packed text with an image, per-sample ``ar_nll_sum``
+            and ``ar_num_tokens`` (``[B]``; batch-first so open_clip's accumulation can concatenate them).
+        """
+        out: dict[str, Any] = {"logit_scale": self.logit_scale.exp(), "logit_bias": self.logit_bias}
+        short = text
+        if text is not None and text.dim() == 3:
+            if text.shape[1] != 2:
+                raise ValueError(f"packed text must be [B, 2, L] (short, long), got {tuple(text.shape)}")
+            short, long = text[:, 0], text[:, 1]
+            if image is not None:
+                # GradCache's first pass runs without grad and caches only features: skip the caption there.
+                feats, nll, ntok = self.image_features_and_ar(image, long, compute_ar=torch.is_grad_enabled())
+                out.update(image_features=feats, ar_nll_sum=nll, ar_num_tokens=ntok)
+                image = None
+        if image is not None:
+            out["image_features"] = self.encode_image(image, normalize=True)
+        else:
+            out.setdefault("image_features", None)
+        out["text_features"] = self.encode_text(short, normalize=True) if short is not None else None
+        return out if self.output_dict else (out["image_features"], out["text_features"], out["logit_scale"])
+
+    # ---- open_clip contract -------------------------------------------------------------------------------
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_bn_stats: bool = False) -> None:
+        """The vision tower and projector are always frozen in VladVA; kept for open_clip compatibility."""
+        if unlocked_groups:
+            _logger.warning("VladVA keeps the vision tower frozen; unlocked_groups=%d is ignored", unlocked_groups)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_layer_norm: bool = True) -> None:
+        """The LLM base weights are always frozen (only LoRA and prompts train); kept for open_clip."""
+        if unlocked_layers:
+            _logger.warning("VladVA trains the LLM through LoRA only; unlocked_layers=%d is ignored", unlocked_layers)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        lm = self.language_model
+        if enable:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_disable()
+
+    def no_weight_decay(self) -> set[str]:
+        return {"logit_scale", "image_prompt.soft", "text_prompt.soft"}
+
+    # ---- trainable parameters -----------------------------------------------------------------------------
+    def trainable_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """Trainable parameters by role: ``lora``, ``soft_prompt``, ``logit_scale``."""
+        groups: dict[str, list[tuple[str, nn.Parameter]]] = {"lora": [], "soft_prompt": [], "logit_scale": []}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name == "logit_scale":
+                groups["logit_scale"].append((name, p))
+            elif name.endswith("prompt.soft"):
+                groups["soft_prompt"].append((name, p))
+            else:
+                groups["lora"].append((name, p))
+        return groups
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what trains (LoRA, soft prompts, logit_scale), detached, keyed like ``state_dict``."""
+        return {n: p.detach() for group in self.trainable_groups().values() for n, p in group}
+
+    def merge_adapters(self) -> None:
+        """Fold LoRA into the base linear weights (faster inference; no more training of LoRA)."""
+        from peft.tuners.lora import LoraLayer
+
+        merged = 0
+        for module in self.lvlm.modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                module.merge()
+                merged += 1
+        for name, p in self.lvlm.named_parameters():
+            if "lora_" in name:
+                p.requires_grad_(False)
+        _logger.info("merged LoRA into %d layers", merged)
+
+    @property
+    def merged(self) -> bool:
+        from peft.tuners.lora import LoraLayer
+
+        return any(isinstance(m, LoraLayer) and m.merged for m in self.lvlm.modules())
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, image: torch.Tensor, prompt: str | Sequence[str] = "Describe the image.",
+                 tokenizer: VladVATokenizer | None = None, max_new_tokens: int = 32, **generate_kwargs) -> list[str]:
+        """Caption / answer with the adapters active (the model stays generative).
+
+        Args:
+            image: ``[B, 3, S, S]`` preprocessed images.
+            prompt: one instruction for all images, or one per image.
+            tokenizer: the model's tokenizer (default: the one it was built with).
+            max_new_tokens: generation budget; greedy decoding unless ``generate_kwargs`` say otherwise.
+
+        Returns:
+            B decoded strings.
+        """
+        tok = tokenizer or getattr(self, "tokenizer", None)
+        if tok is None:
+            raise ValueError("generate needs the tokenizer: pass tokenizer=open_clip.get_tokenizer(name)")
+        image = self._check_image(image)
+        prompts = [prompt] * image.shape[0] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != image.shape[0]:
+            raise ValueError(f"got {len(prompts)} prompts for {image.shape[0]} images")
+        parts = TemplateParts.parse(self.cfg.template.image)
+        bos = [tok.bos_token_id] if self.cfg.template.add_bos and tok.bos_token_id is not None else []
+        body = self.image_body_ids.tolist()
+        rows = [bos + tok.encode(parts.pre, special=True) + body + tok.encode(parts.mid, special=True)
+                + tok.encode(p) + tok.encode(parts.post, special=True) for p in prompts]
+        width = max(len(r) for r in rows)
+        # Left padding: generation appends at the end of every row.
+        ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        kwargs = self.backbone.generation_inputs(self.lvlm, ids, mask, image)
+        generate_kwargs.setdefault("do_sample", False)
+        out = self.lvlm.generate(**kwargs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id, **generate_kwargs)
+        return [tok.decode(row[width:]) for row in out]
+
+
+def logit_scale_init(temperature: float) -> float:
+    """``ln(1 / temperature)``: open_clip stores the log of the inverse temperature."""
+    return math.log(1.0 / temperature)
