@@ -1,6 +1,7 @@
 """Building VladVA models and tokenizers: resolve config -> build base -> wrap -> load adapter -> finalise."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -21,6 +22,7 @@ _logger = logging.getLogger(__name__)
 # create_model keyword -> config field it overrides ("section.field" for nested fields).
 CONFIG_OVERRIDES: dict[str, str] = {
     "base_model": "base_model",
+    "tokenizer": "tokenizer",
     "lora_r": "lora.r",
     "lora_alpha": "lora.alpha",
     "lora_dropout": "lora.dropout",
@@ -159,6 +161,9 @@ def create_vladva(
     meta = read_meta(path) if path is not None else None
     if force_context_length:
         kwargs["context_length"] = force_context_length
+    registered = get_vladva_config(name)["vladva_cfg"]
+    if "base_model" in kwargs and "tokenizer" not in kwargs and registered.get("tokenizer") == registered.get("base_model"):
+        kwargs["tokenizer"] = kwargs["base_model"]  # a local base directory carries its own tokenizer
     cfg = build_config(name, kwargs, meta)
     if force_image_size:
         size = force_image_size if isinstance(force_image_size, int) else force_image_size[0]
@@ -174,7 +179,7 @@ def create_vladva(
         _logger.warning("tokenizer %s unavailable; using a stand-in for the meta-device build", cfg.tokenizer)
         tokenizer = VladVATokenizer(load_hf_tokenizer("asset:tiny-llava"), cfg.context_length)
     lvlm = build_lvlm(cfg, device, dtype, load_weights, path, cache_dir)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (device if device.type == "meta" else contextlib.nullcontext()):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = VladVA(cfg, lvlm, tokenizer, name=name)
         model.add_lora()

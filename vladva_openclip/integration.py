@@ -21,6 +21,7 @@ _MARK = "__vladva_wrapped__"
 _patched: list[tuple[Any, str, Any]] = []
 _added_tags: list[tuple[str, str]] = []
 _added_config_path: list[Any] = []
+_added_configs: list[str] = []
 
 
 def _vladva_create_model(original: Callable) -> Callable:
@@ -101,9 +102,11 @@ def install() -> None:
     from .registry import CONFIG_DIR, pretrained_tags
 
     if not is_installed():
+        known = set(factory._MODEL_CONFIGS)
         factory._MODEL_CONFIG_PATHS.append(CONFIG_DIR)
         _added_config_path.append(CONFIG_DIR)
         factory._rescan_model_configs()
+        _added_configs.extend(sorted(set(factory._MODEL_CONFIGS) - known))
         for name, tags in pretrained_tags().items():
             for tag, cfg in tags.items():
                 if tag not in oc_pretrained._PRETRAINED.get(name, {}):
@@ -136,4 +139,6 @@ def uninstall() -> None:
         path = _added_config_path.pop()
         if path in factory._MODEL_CONFIG_PATHS:
             factory._MODEL_CONFIG_PATHS.remove(path)
-    factory._rescan_model_configs()
+    # A rescan only adds entries, so the names this package added are removed explicitly.
+    while _added_configs:
+        factory._MODEL_CONFIGS.pop(_added_configs.pop(), None)

@@ -23,7 +23,7 @@ def load_hf_tokenizer(source: str, cache_dir: str | None = None):
     """A transformers tokenizer from ``asset:<name>`` (shipped), a local directory, or a Hugging Face id."""
     from transformers import AutoTokenizer
 
-    from .backbones.base import WeightsNotFoundError, hub_offline
+    from .backbones.base import WeightsNotFoundError, hub_offline, missing_message
 
     if source.startswith("asset:"):
         path = ASSET_TOKENIZERS / source.split(":", 1)[1]
@@ -34,10 +34,7 @@ def load_hf_tokenizer(source: str, cache_dir: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, local_files_only=local or hub_offline())
     except (OSError, ValueError) as err:
-        raise WeightsNotFoundError(
-            f"tokenizer {source!r} is not available locally and the hub cannot be reached; download it on a "
-            f"connected machine (`huggingface-cli download {source}`) or pass a local directory"
-        ) from err
+        raise WeightsNotFoundError(missing_message("tokenizer files of", source)) from err
 
 
 class VladVATokenizer:

@@ -41,6 +41,18 @@ def hub_offline() -> bool:
     return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def missing_message(what: str, source: str) -> str:
+    """The one error text for weights or a tokenizer that cannot be found: what is missing and how to provide it."""
+    state = "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set)" if hub_offline() else "unreachable"
+    return (
+        f"{what} {source!r} are not in the local Hugging Face cache and the hub is {state}. Provide them in one "
+        f"of these ways: (1) on a machine with network, run `huggingface-cli download {source}` and copy the cache "
+        f"(HF_HOME) here; (2) pass base_model='/path/to/local/dir' (a directory saved with save_pretrained, holding "
+        f"the weights and the tokenizer) to create_model; (3) set VLADVA_BASE_DIR=/dir holding a sub-directory named "
+        f"{source.split('/')[-1]!r}. To only inspect the architecture, use device='meta' or load_weights=False."
+    )
+
+
 class Backbone:
     """Interface of one LVLM family. Subclasses set the class attributes and implement the abstract methods."""
 
@@ -80,15 +92,7 @@ class Backbone:
                 raise WeightsNotFoundError(
                     f"could not load {self.name} base weights from local directory {source!r}: {err}"
                 ) from err
-            raise WeightsNotFoundError(
-                f"base weights {source!r} are not in the local Hugging Face cache and the hub is "
-                f"{'offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set)' if hub_offline() else 'unreachable'}. "
-                f"Provide them in one of these ways: (1) on a machine with network, run "
-                f"`huggingface-cli download {source}` and copy the cache (HF_HOME) here; (2) pass "
-                f"base_model='/path/to/local/dir' (a directory saved with save_pretrained) to create_model; "
-                f"(3) set VLADVA_BASE_DIR=/dir holding a sub-directory named like the model id's last part. "
-                f"To only inspect the architecture, use device='meta' or load_weights=False."
-            ) from err
+            raise WeightsNotFoundError(missing_message("base weights", source)) from err
 
     # ---- layout -------------------------------------------------------------------------------------------
     def language_model(self, lvlm: nn.Module) -> nn.Module:
