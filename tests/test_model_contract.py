@@ -124,8 +124,13 @@ def test_packed_forward_masks_missing_long_caption(tiny):
     out = model(img, torch.stack([short, long], 1))
     assert out["ar_num_tokens"][1] == 0 and out["ar_nll_sum"][1] == 0
     assert out["ar_nll_sum"][0] > 0
-    with torch.no_grad():  # GradCache's caching pass: features and counts only
+    model.train()
+    with torch.no_grad():  # open_clip's accumulation caching pass (training, no grad): features and counts only
         cached = model(img, torch.stack([short, long], 1))
+    model.eval()
+    with torch.no_grad():  # evaluation: the AR loss is computed
+        evaluated = model(img, torch.stack([short, long], 1))
+    torch.testing.assert_close(evaluated["ar_nll_sum"], out["ar_nll_sum"].detach(), atol=1e-5, rtol=1e-5)
     assert torch.equal(cached["ar_nll_sum"], torch.zeros(2))
     torch.testing.assert_close(cached["ar_num_tokens"], out["ar_num_tokens"])
     torch.testing.assert_close(cached["image_features"], out["image_features"], atol=1e-5, rtol=1e-5)

@@ -59,6 +59,11 @@ class VladVA(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
+        # When set (by the trainer), state_dict()/load_state_dict() cover only what trains, so checkpoints are
+        # adapter-sized and resume still loads strictly.
+        self.trainable_state_only = False
+        self._register_state_dict_hook(_drop_frozen_keys)
+        self.register_load_state_dict_post_hook(_forgive_missing_frozen_keys)
 
         emb = self.embedding
         body_ids = self.backbone.image_body_ids(lvlm.config, cfg.image_size)
@@ -284,8 +289,10 @@ class VladVA(nn.Module):
                 raise ValueError(f"packed text must be [B, 2, L] (short, long), got {tuple(text.shape)}")
             short, long = text[:, 0], text[:, 1]
             if image is not None:
-                # GradCache's first pass runs without grad and caches only features: skip the caption there.
-                feats, nll, ntok = self.image_features_and_ar(image, long, compute_ar=torch.is_grad_enabled())
+                # open_clip's accumulation caches features in a no-grad pass while training: the caption is
+                # skipped there (its loss comes from the gradient pass). In eval mode the AR loss is computed.
+                compute_ar = torch.is_grad_enabled() or not self.training
+                feats, nll, ntok = self.image_features_and_ar(image, long, compute_ar=compute_ar)
                 out.update(image_features=feats, ar_nll_sum=nll, ar_num_tokens=ntok)
                 image = None
         if image is not None:
@@ -395,6 +402,28 @@ class VladVA(nn.Module):
         out = self.lvlm.generate(**kwargs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **generate_kwargs)
         return [tok.decode(row[width:]) for row in out]
+
+
+def _trainable_names(model: "VladVA") -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _drop_frozen_keys(model: "VladVA", state_dict: dict, prefix: str, local_metadata) -> None:
+    if not model.trainable_state_only:
+        return
+    keep = {prefix + n for n in _trainable_names(model)}
+    for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
+        del state_dict[key]
+
+
+def _forgive_missing_frozen_keys(model: "VladVA", incompatible) -> None:
+    if not model.trainable_state_only:
+        return
+    trainable = _trainable_names(model)
+    # Keys carry the caller's prefix (e.g. "module." under DDP); a frozen key is one whose suffix is not trainable.
+    frozen = [k for k in incompatible.missing_keys if not any(k == t or k.endswith("." + t) for t in trainable)]
+    for key in frozen:
+        incompatible.missing_keys.remove(key)
 
 
 def logit_scale_init(temperature: float) -> float:

@@ -54,6 +54,8 @@ class VladVATokenizer:
         if pad is None:
             raise ValueError("the base tokenizer has neither a pad nor an eos token; cannot pad captions")
         self.pad_token_id = int(pad)
+        self.truncated_total = 0
+        self._warned_lengths: set[int] = set()
 
     @property
     def eos_token_id(self) -> int:
@@ -110,10 +112,12 @@ class VladVATokenizer:
             if ids:
                 out[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         if truncated:
-            _logger.warning(
-                "%d of %d captions were longer than %d tokens and were truncated (the prompt is always kept)",
-                truncated, len(texts), length,
-            )
+            self.truncated_total += truncated
+            # Data pipelines tokenize one sample at a time: warn once per length, then keep a count (DEBUG).
+            log = _logger.debug if length in self._warned_lengths else _logger.warning
+            self._warned_lengths.add(length)
+            log("%d of %d captions were longer than %d tokens and were truncated (the prompt is always kept; "
+                "%d truncated so far by this tokenizer)", truncated, len(texts), length, self.truncated_total)
         return out
 
     def lengths(self, ids: torch.Tensor) -> torch.Tensor:

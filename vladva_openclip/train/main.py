@@ -1,0 +1,287 @@
+"""``vladva-train``: open_clip_train's own ``main()`` and ``train_one_epoch``, extended, not forked.
+
+open_clip_train has no plugin hooks, so a handful of names in its modules are rebound for the duration of the
+run (and restored after): the data (short + long captions), the loss (contrastive + AR), the optimizer groups
+(LoRA / logit_scale / soft prompts, with a soft-prompt lr scale), checkpoint writing (atomic, trainables only,
+optionally every N steps) and a guard that skips non-finite steps. Everything else — torchrun/SLURM, DDP,
+gather-with-grad, local loss, two-pass accumulation, schedulers, logging, resume — is open_clip_train's.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import types
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .. import install
+from ..registry import is_vladva_name
+from .args import model_kwargs, split_args
+
+_logger = logging.getLogger(__name__)
+
+
+class RunState:
+    """What the rebound functions share during one run."""
+
+    def __init__(self, vargs: argparse.Namespace):
+        self.vargs = vargs
+        self.model: torch.nn.Module | None = None
+        self.resume_batches = 0  # batches of the resumed epoch already trained
+        self.nonfinite_in_a_row = 0
+
+
+# ---- checkpoint writing ----------------------------------------------------------------------------------------
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same directory, then rename: a crash never leaves a torn file."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class _TorchWithAtomicSave(types.ModuleType):
+    """Stands in for ``torch`` inside open_clip_train.main only, so its checkpoint writes become atomic."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    save = staticmethod(atomic_save)
+
+
+# ---- optimizer -------------------------------------------------------------------------------------------------
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not finite (a non-finite loss), and gives up after
+    ``max_in_a_row`` such steps in a row."""
+
+    def __init__(self, params, max_in_a_row: int = 5, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_in_a_row = max_in_a_row
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        if not self._grads_finite():
+            self.nonfinite_in_a_row += 1
+            self.skipped_steps += 1
+            self.zero_grad(set_to_none=True)
+            _logger.warning("non-finite loss or gradients: step skipped (%d in a row, limit %d)",
+                            self.nonfinite_in_a_row, self.max_in_a_row)
+            if self.nonfinite_in_a_row >= self.max_in_a_row:
+                raise FloatingPointError(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row; stopping. Lower the learning rate or "
+                    f"check the data, then resume from the last checkpoint (--resume latest)")
+            return None
+        self.nonfinite_in_a_row = 0
+        return super().step(closure)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, soft_prompt_lr_scale: float) -> list[dict]:
+    """LoRA (weight decay), logit_scale and soft prompts (no decay, own lr scale). Group 0 has lr scale 1, because
+    open_clip_train logs ``param_groups[0]['lr']``."""
+    groups = model.trainable_groups()
+    spec = [("lora", weight_decay, 1.0), ("logit_scale", 0.0, 1.0), ("soft_prompt", 0.0, soft_prompt_lr_scale)]
+    out = [{"params": [p for _, p in groups[role]], "weight_decay": wd, "lr_scale": scale, "name": role}
+           for role, wd, scale in spec if groups[role]]
+    return out
+
+
+def assign_learning_rate(optimizer: torch.optim.Optimizer, new_lr: float) -> None:
+    """open_clip_train's scheduler hook, honouring each group's ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = new_lr * group.get("lr_scale", 1.0)
+
+
+# ---- data loader wrapper ---------------------------------------------------------------------------------------
+class ResumableLoader:
+    """Wraps an epoch's dataloader: skips the batches a resumed run already trained on, and calls
+    ``on_step_boundary(batches_done)`` between batches (after the previous optimizer step finished)."""
+
+    def __init__(self, loader, skip: int, on_step_boundary: Callable[[int], None] | None):
+        self.loader = loader
+        self.skip = skip
+        self.on_step_boundary = on_step_boundary
+        self.num_batches = loader.num_batches
+        self.num_samples = loader.num_samples
+
+    def __len__(self) -> int:
+        return len(self.loader) - self.skip
+
+    def __iter__(self) -> Iterator:
+        it = iter(self.loader)
+        for _ in range(self.skip):
+            next(it, None)
+        for done, batch in enumerate(it, start=self.skip):
+            if done > self.skip and self.on_step_boundary is not None:
+                self.on_step_boundary(done)
+            yield batch
+
+
+class _CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
+    """open_clip_train passes ``device_ids=[device]`` even for CPU, which DDP rejects; CPU (gloo) needs None."""
+
+    def __init__(self, module, device_ids=None, **kwargs):
+        if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids=device_ids, **kwargs)
+
+
+# ---- the rebound functions ---------------------------------------------------------------------------------------
+def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
+    from ..loss import VladVALoss
+    from . import data as vdata
+
+    original_parse = ocm.parse_args
+    original_create = ocm.create_model_and_transforms
+    original_pt_load = ocm.pt_load
+    original_train_one_epoch = ocm.train_one_epoch
+    vargs = state.vargs
+
+    def parse_args(argv):
+        args = original_parse(argv)
+        for key, value in vars(vargs).items():
+            setattr(args, key, value)
+        return args
+
+    def create_model_and_transforms(model_name, *a, **kw):
+        if is_vladva_name(model_name):
+            kw.update(model_kwargs(vargs))
+        out = original_create(model_name, *a, **kw)
+        state.model = out[0]
+        if is_vladva_name(model_name):
+            state.model.trainable_state_only = True  # checkpoints hold only what trains
+            if not kw.get("aug_cfg"):
+                # LVLMs are fine-tuned on their processor's deterministic resize (as LLaVA's is); it also makes a
+                # resumed run see exactly the pixels the interrupted one would have seen. --aug-cfg opts back in.
+                out = (out[0], out[2], out[2])
+        return out
+
+    def create_loss(args):
+        if not is_vladva_name(args.model):
+            from open_clip import create_loss as oc_create_loss
+            return oc_create_loss(args)
+        return VladVALoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
+                          rank=args.rank, world_size=args.world_size, use_horovod=args.horovod,
+                          contrastive_weight=vargs.contrastive_weight, ar_weight=vargs.ar_weight)
+
+    def adamw(groups, **kw):
+        model = state.model
+        if model is None or not hasattr(model, "trainable_groups"):
+            return torch.optim.AdamW(groups, **kw)
+        wd = max((g.get("weight_decay", 0.0) for g in groups), default=0.0)
+        return GuardedAdamW(param_groups(model, wd, vargs.soft_prompt_lr_scale),
+                            max_in_a_row=vargs.max_nonfinite_steps, **kw)
+
+    def pt_load(path, map_location=None):
+        ckpt = original_pt_load(path, map_location=map_location)
+        if isinstance(ckpt, dict):
+            state.resume_batches = int(ckpt.get("batches_done", 0))
+        return ckpt
+
+    def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
+        skip, state.resume_batches = state.resume_batches, 0
+        every = vargs.save_every_n_steps * args.accum_freq
+
+        def save_step(batches_done: int) -> None:
+            if not every or batches_done % every or not args.save_logs:
+                return
+            ckpt = {"epoch": epoch, "name": args.name, "state_dict": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "batches_done": batches_done}
+            if scaler is not None:
+                ckpt["scaler"] = scaler.state_dict()
+            # Sorts (natural order) after epoch_{epoch}.pt and before epoch_{epoch+1}.pt: --resume latest finds it.
+            path = os.path.join(args.checkpoint_path, f"epoch_{epoch}_step_{batches_done // args.accum_freq}.pt")
+            atomic_save(ckpt, path)
+            _logger.info("saved step checkpoint %s", path)
+
+        train = data["train"]
+        original_loader = train.dataloader
+        train.dataloader = ResumableLoader(original_loader, skip, save_step)
+        offset = skip // args.accum_freq
+        shifted = (lambda step: scheduler(step + offset)) if (scheduler is not None and offset) else scheduler
+        if skip:
+            _logger.info("resuming epoch %d after %d batches", epoch, skip)
+        try:
+            return original_train_one_epoch(model, data, loss, epoch, optimizer, scaler, shifted, dist_model, args,
+                                            tb_writer=tb_writer)
+        finally:
+            train.dataloader = original_loader
+            report = getattr(train, "skip_report", None)
+            if callable(report):
+                report()
+
+    hooks = {
+        (ocm, "parse_args"): parse_args,
+        (ocm, "create_model_and_transforms"): create_model_and_transforms,
+        (ocm, "create_loss"): create_loss,
+        (ocm, "get_data"): vdata.get_data,
+        (ocm, "optim"): types.SimpleNamespace(AdamW=adamw),
+        (ocm, "pt_load"): pt_load,
+        (ocm, "train_one_epoch"): train_one_epoch,
+        (ocm, "torch"): _TorchWithAtomicSave(),
+        (ocs, "assign_learning_rate"): assign_learning_rate,
+    }
+    if not torch.cuda.is_available():
+        hooks[(torch.nn.parallel, "DistributedDataParallel")] = _CpuSafeDDP
+    return hooks
+
+
+@contextlib.contextmanager
+def patched(hooks: dict[tuple[Any, str], Any]):
+    saved = {key: getattr(*key) for key in hooks}
+    try:
+        for (module, attr), value in hooks.items():
+            setattr(module, attr, value)
+        yield
+    finally:
+        for (module, attr), value in saved.items():
+            setattr(module, attr, value)
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    """Run open_clip_train's main() with the VladVA extensions; ``argv`` as on the command line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--"]:  # torchrun needs a separator before flags like --logs (prefix of its --logs-specs)
+        argv = argv[1:]
+    vargs, rest = split_args(argv)
+    import open_clip_train.main as ocm
+    import open_clip_train.scheduler as ocs
+    import open_clip_train.train as oct
+
+    install()  # rebinds the aliases open_clip_train imported by name
+    state = RunState(vargs)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with patched(_make_hooks(state, ocm, ocs, oct)):
+            return ocm.main(rest)
+    finally:
+        # open_clip_train's setup_logging adds handlers to the root logger; a second run in the same process
+        # (tests, notebooks, the demo) would otherwise write into the first run's log file too.
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(level)
+
+
+if __name__ == "__main__":
+    sys.exit(main() or 0)
