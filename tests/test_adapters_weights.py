@@ -235,3 +235,23 @@ def test_generate_keeps_the_model_generative(tiny_name):
         generated.append(nxt)
         ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
     assert text[0] == tok.decode(generated)
+
+
+def test_base_only_artifact_builds_fresh_adapters_on_those_weights(tmp_path):
+    """A shipped base (tiny captioner style): base weights load, adapters follow the config and the keywords."""
+    import open_clip
+
+    import vladva_openclip
+
+    model = open_clip.create_model("vladva-tiny-llava")
+    with torch.no_grad():
+        model.lvlm.model.language_model.layers[0].mlp.up_proj.base_layer.weight.add_(1.0)
+    path = vladva_openclip.save_base(model, tmp_path / "base")
+    assert sorted(p.name for p in path.iterdir()) == ["base_model.safetensors", "vladva_adapter.json"]
+    rebuilt = open_clip.create_model("vladva-tiny-llava", pretrained=str(path), image_prompt_mode="both")
+    ref = model.lvlm.model.language_model.layers[0].mlp.up_proj.base_layer.weight
+    assert torch.equal(rebuilt.lvlm.model.language_model.layers[0].mlp.up_proj.base_layer.weight, ref)
+    assert rebuilt.cfg.image_prompt.mode == "both"
+    assert all(float(p.abs().sum()) == 0 for n, p in rebuilt.trainable_state_dict().items() if "lora_B" in n)
+    with pytest.raises(vladva_openclip.AdapterError, match="another base model"):
+        open_clip.create_model("vladva-tiny-qwen2vl", pretrained=str(path))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .adapters import AdapterError, load_adapter, save_adapter
+from .adapters import AdapterError, load_adapter, save_adapter, save_base
 from .backbones import WeightsNotFoundError
 from .config import LoraSettings, PromptConfig, TemplateConfig, VladVAConfig
 from .factory import count_parameters, create_vladva
@@ -25,5 +25,5 @@ install()
 __all__ = [
     "AdapterError", "LoraSettings", "PromptConfig", "TemplateConfig", "VladVA", "VladVAConfig", "VladVATokenizer",
     "WeightsNotFoundError", "count_parameters", "create_vladva", "install", "is_installed", "list_vladva_models",
-    "load_adapter", "model_entrypoints", "register_pretrained", "save_adapter", "uninstall",
+    "load_adapter", "model_entrypoints", "register_pretrained", "save_adapter", "save_base", "uninstall",
 ]

@@ -101,19 +101,46 @@ def save_adapter(model, path: str | os.PathLike, include_base: bool = False) -> 
             base = {k.replace(".base_layer.", "."): v for k, v in base.items()}
             save_file(_dedupe_shared(base), str(tmp / BASE_FILE))
         (tmp / META_FILE).write_text(json.dumps(adapter_meta(model), indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
+        _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _logger.info("saved adapter to %s", path)
     return path
+
+
+def save_base(model, path: str | os.PathLike) -> Path:
+    """Write only the base LVLM weights (tiny models) as a pretrained artifact: ``pretrained=path`` then builds the
+    model on these weights with fresh adapters, as the configured defaults or ``create_model`` keywords say."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        base = {k: v.detach().float().contiguous() for k, v in model.lvlm.state_dict().items() if "lora_" not in k}
+        base = {k.replace(".base_layer.", "."): v for k, v in base.items()}
+        save_file(_dedupe_shared(base), str(tmp / BASE_FILE))
+        meta = {"format_version": FORMAT_VERSION, "model_name": model.model_name, "base_only": True,
+                "fingerprint": base_fingerprint(model)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move the finished directory ``tmp`` to ``path``, replacing what was there."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
 
 
 def _dedupe_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,7 +186,10 @@ def load_base_weights(model_lvlm, path: Path) -> bool:
     if file is None or not file.is_file():
         return False
     state = _load_safetensors(file)
-    missing, unexpected = model_lvlm.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model_lvlm.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise AdapterError(f"{file} was made for another base model (shapes differ): {str(err)[:300]}") from err
     tied = set(getattr(model_lvlm, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
@@ -190,6 +220,8 @@ def load_adapter(model, path: str | os.PathLike) -> None:
     if path.is_dir():
         meta = read_meta(path)
         check_compatible(model, meta, str(path))
+        if meta.get("base_only"):
+            return  # base weights were loaded when the LVLM was built; the adapters stay fresh
         _load_adapter_dir(model, path)
     elif path.suffix == ".safetensors":
         _load_trainable(model, _load_safetensors(path), str(path))

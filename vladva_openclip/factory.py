@@ -159,6 +159,8 @@ def create_vladva(
     if require_pretrained and path is None:
         raise ValueError(f"{name} needs pretrained=<tag or adapter path>; tags: {sorted(pretrained_tags().get(name, {}))}")
     meta = read_meta(path) if path is not None else None
+    if meta is not None and meta.get("base_only"):
+        meta = None  # base weights only: the registered structure (and the keywords) decide the adapters
     if force_context_length:
         kwargs["context_length"] = force_context_length
     registered = get_vladva_config(name)["vladva_cfg"]
