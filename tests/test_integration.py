@@ -137,3 +137,21 @@ def test_overrides_change_structure():
     assert m.image_prompt.suffix_len > open_clip.create_model("vladva-tiny-llava").image_prompt.suffix_len
     no_lora = open_clip.create_model("vladva-tiny-llava", use_lora=False)
     assert not no_lora.trainable_groups()["lora"]
+
+
+def test_aliases_bound_before_the_plugin_import_are_rebound():
+    """open_clip_train imported first (it binds get_tokenizer etc. by name), the plugin second."""
+    import subprocess
+    import sys
+
+    code = (
+        "import open_clip_train.main as m, open_clip_train.zero_shot as z, open_clip\n"
+        "held = [m.get_tokenizer]  # in a list: a module-level name would be rebound too, by design\n"
+        "import vladva_openclip\n"
+        "assert m.get_tokenizer is open_clip.get_tokenizer is z.get_tokenizer is not held[0]\n"
+        "assert type(m.get_tokenizer('vladva-tiny-llava')).__name__ == 'VladVATokenizer'\n"
+        "vladva_openclip.uninstall()\n"
+        "assert m.get_tokenizer is held[0]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
