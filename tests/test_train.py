@@ -228,3 +228,31 @@ def test_two_process_gather_matches_single_process(tmp_path):
             assert r["loss_dist"][key] == pytest.approx(ref, rel=1e-5, abs=1e-6), (mode, key)
         assert r["max_rel_grad_err"] < 1e-4, (mode, r)
         assert r["n_grads"] > 10
+
+
+def test_bf16_base_with_fp32_trainables_and_grad_checkpointing(tmp_path):
+    """--precision amp_bf16: the frozen base is bfloat16, LoRA/prompts/logit_scale stay float32; checkpointing on."""
+    from vladva_openclip.train import main as train_main
+
+    seen = {}
+    real = train_main.GuardedAdamW.step
+
+    def spy(self, closure=None):
+        seen["dtypes"] = {p.dtype for g in self.param_groups for p in g["params"]}
+        return real(self, closure)
+
+    train_main.GuardedAdamW.step = spy
+    try:
+        args = _base_args(tmp_path, "bf16", "--epochs", "1", "--grad-checkpointing")
+        args[args.index("--precision") + 1] = "amp_bf16"
+        assert train_main.main(args) in (None, 0)
+    finally:
+        train_main.GuardedAdamW.step = real
+    assert seen["dtypes"] == {torch.float32}
+    import open_clip
+
+    m = open_clip.create_model("vladva-tiny-llava", precision="amp_bf16")
+    assert m.lvlm.model.language_model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in m.trainable_state_dict().values()} == {torch.float32}
+    s = m.cfg.image_size
+    assert m.encode_image(torch.randn(1, 3, s, s)).dtype == torch.float32
