@@ -1,0 +1,290 @@
+"""Kernel benchmarks: fused contrastive loss vs open_clip ClipLoss vs eager torch (forward + backward, speed and
+peak memory) and the pooling kernel's bandwidth. Writes CSVs under benchmarks/results/ and regenerates the
+"Kernels" section of BENCHMARKS.md from every CSV present (so CPU and GPU runs from different machines combine).
+
+    python -m benchmarks.bench_kernels                  # this machine (CUDA if available, else CPU)
+    python -m benchmarks.bench_kernels --device cuda --dtypes bf16,fp32
+    python -m benchmarks.bench_kernels --markdown-only  # rebuild the section from the CSVs
+    python -m benchmarks.bench_kernels --aot            # also compile every kernel for sm_90 (no GPU needed)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks import _harness as H
+from benchmarks import bench_contrastive as BC
+from benchmarks import bench_pooling as BP
+
+LOSS_FIELDS = ["device", "machine", "provider", "n", "d", "dtype", "ms", "peak_tensor_mib", "peak_rss_mib", "status"]
+POOL_FIELDS = ["device", "machine", "impl", "b", "t", "d", "dtype", "ms", "gbps", "pct_hbm_peak", "pct_copy",
+               "status"]
+AOT_FIELDS = ["machine", "kernel", "dtype", "dim", "shared_bytes", "status"]
+MIB = 2 ** 20
+CPU_TARGET_CASE = (8192, 1024)
+
+
+def _ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _cpu_memory_estimate(provider: str, n: int, d: int) -> int:
+    """Rough peak of a CPU run (bytes), to skip cases that cannot fit: [N, N] fp32 buffers + grads."""
+    buffers = {"clip_loss": 9, "eager": 6, "fused": 0}[provider]
+    return buffers * n * n * 4 + 4 * n * d * 4 + 64 * MIB
+
+
+def _merge(path: Path, rows: list[dict], fields: list[str], key: tuple[str, ...]) -> None:
+    """Rows replace earlier rows with the same key; other rows (other sizes, devices) are kept."""
+    old = {tuple(r[k] for k in key): r for r in H.read_csv(path)}
+    for r in rows:
+        old[tuple(str(r[k]) for k in key)] = {k: str(r.get(k, "")) for k in fields}
+    H.write_csv(path, list(old.values()), fields)
+
+
+def run_contrastive(device: str, sizes: list[tuple[int, int]], dtypes: list[str], providers: list[str],
+                    timeout: float) -> list[dict]:
+    machine = H.machine_name(device)
+    cases = [(n, d, dt, p) for n, d in sizes for dt in dtypes for p in providers]
+    rows = []
+    for n, d, dtype, provider in tqdm(cases, desc="contrastive"):
+        row = dict(device=device, machine=machine, provider=provider, n=n, d=d, dtype=dtype)
+        if device == "cpu" and _cpu_memory_estimate(provider, n, d) > 0.7 * _ram_bytes():
+            row["status"] = f"not measured: needs ~{_cpu_memory_estimate(provider, n, d) / 2**30:.0f} GiB RAM"
+        else:
+            if device == "cpu":
+                repeats = 3 if n * n * d <= 4096 * 4096 * 1536 else 1
+                res = H.run_child("bench_contrastive", ["--provider", provider, "--n", str(n), "--d", str(d),
+                                                        "--dtype", dtype, "--repeats", str(repeats)], timeout)
+            else:
+                res = BC.measure_cuda(provider, n, d, dtype)
+            if "error" in res:
+                row["status"] = res["error"]
+            else:
+                row.update(ms=f"{res['ms']:.2f}", peak_tensor_mib=f"{res['peak_tensor'] / MIB:.1f}", status="ok")
+                if "peak_rss" in res:
+                    row["peak_rss_mib"] = f"{res['peak_rss'] / MIB:.1f}"
+        tqdm.write(f"{provider:9s} N={n:6d} D={d:5d} {dtype}: {row.get('ms', '-')} ms, "
+                   f"{row.get('peak_tensor_mib', '-')} MiB ({row['status']})")
+        rows.append(row)
+    return rows
+
+
+def run_pooling(device: str) -> list[dict]:
+    machine = H.machine_name(device)
+    rows = []
+    peak = BP.hbm_peak_gbps() if device == "cuda" else None
+    copy = BP.copy_gbps() if device == "cuda" else None
+    shapes = BP.GPU_SHAPES if device == "cuda" else BP.CPU_SHAPES
+    impls = ["triton", "reference"] if device == "cuda" else ["reference"]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    for (b, t, d) in shapes:
+        for impl in impls:
+            row = dict(device=device, machine=machine, impl=impl, b=b, t=t, d=d, dtype=str(dtype).split(".")[-1])
+            try:
+                res = BP.measure((b, t, d), dtype, device, impl)
+            except torch.cuda.OutOfMemoryError:
+                row["status"] = "out of memory"
+                rows.append(row)
+                continue
+            row.update(ms=f"{res['ms']:.4f}", gbps=f"{res['gbps']:.1f}", status="ok")
+            if peak:
+                row["pct_hbm_peak"] = f"{100 * res['gbps'] / peak:.0f}"
+            if copy:
+                row["pct_copy"] = f"{100 * res['gbps'] / copy:.0f}"
+            rows.append(row)
+    return rows
+
+
+def run_aot() -> list[dict]:
+    from vladva_openclip.kernels.aot import SM90_SHARED_LIMIT, compile_all
+
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for r in compile_all(dtype, dim=4096, arch=90):
+            rows.append(dict(machine=H.machine_name("cpu"), kernel=r.name, dtype=r.dtype, dim=4096,
+                             shared_bytes=r.shared_bytes,
+                             status="ok" if r.shared_bytes <= SM90_SHARED_LIMIT else "over the sm_90 limit"))
+    return rows
+
+
+# --- the BENCHMARKS.md section ------------------------------------------------------------------------------------
+
+def _fmt_ms(row: dict | None) -> str:
+    if row is None:
+        return "not run"
+    return row["ms"] if row["status"] == "ok" else row["status"]
+
+
+def _fmt_mem(row: dict | None) -> str:
+    if row is None or row["status"] != "ok":
+        return "-"
+    rss = f" ({row['peak_rss_mib']})" if row.get("peak_rss_mib") else ""
+    return f"{float(row['peak_tensor_mib']):.0f}{rss}"
+
+
+def _ratio(a: dict | None, b: dict | None, field: str) -> float | None:
+    if not a or not b or a["status"] != "ok" or b["status"] != "ok" or not a.get(field) or not b.get(field):
+        return None
+    return float(a[field]) / float(b[field])
+
+
+def _loss_table(rows: list[dict], device: str, sizes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
+    by_key = {(r["provider"], int(r["n"]), int(r["d"]), r["dtype"]): r for r in rows if r["device"] == device}
+    mem_note = "peak MiB tensor (RSS)" if device == "cpu" else "peak MiB allocated"
+    out = [f"| N | D | dtype | fused ms | ClipLoss ms | eager ms | fused {mem_note} | ClipLoss {mem_note} | "
+           "eager peak MiB | fused / ClipLoss time | fused / ClipLoss memory |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n, d in sizes:
+        for dt in dtypes:
+            f, c, e = (by_key.get((p, n, d, dt)) for p in ("fused", "clip_loss", "eager"))
+            if not any((f, c, e)):
+                out.append(f"| {n} | {d} | {dt} | not measured | not measured | not measured | - | - | - | - | - |")
+                continue
+            t_ratio, m_ratio = _ratio(f, c, "ms"), _ratio(f, c, "peak_tensor_mib")
+            out.append(f"| {n} | {d} | {dt} | {_fmt_ms(f)} | {_fmt_ms(c)} | {_fmt_ms(e)} | {_fmt_mem(f)} | "
+                       f"{_fmt_mem(c)} | {_fmt_mem(e)} | {f'{t_ratio:.2f}' if t_ratio else '-'} | "
+                       f"{f'1/{1 / m_ratio:.1f}' if m_ratio else '-'} |")
+    return out
+
+
+def _targets(loss_rows: list[dict], pool_rows: list[dict]) -> list[str]:
+    get = {(r["device"], r["provider"], int(r["n"]), int(r["d"]), r["dtype"]): r for r in loss_rows}
+    lines = []
+    n, d = CPU_TARGET_CASE
+    f, c = get.get(("cpu", "fused", n, d, "fp32")), get.get(("cpu", "clip_loss", n, d, "fp32"))
+    ratio_t, ratio_r = _ratio(f, c, "peak_tensor_mib"), _ratio(f, c, "peak_rss_mib")
+    if ratio_t:
+        ok = ratio_t <= 1 / 8 and (ratio_r is None or ratio_r <= 1 / 8)
+        lines.append(f"- CPU, N={n}, D={d}: fused peak memory at most 1/8 of ClipLoss's: **{'met' if ok else 'MISSED'}**"
+                     f" (tensor peak 1/{1 / ratio_t:.1f}" + (f", RSS 1/{1 / ratio_r:.1f}" if ratio_r else "") + ").")
+    else:
+        lines.append(f"- CPU, N={n}, D={d}: memory ratio not measured.")
+    gpu = [r for r in loss_rows if r["device"] == "cuda"]
+    if not gpu:
+        lines.append("- H100, fused at least as fast as ClipLoss for N >= 4096: **not measured** (no GPU).")
+        lines.append("- H100, fused peak memory at most 1/10 of ClipLoss's at N = 32768: **not measured** (no GPU).")
+    else:
+        for dt in sorted({r["dtype"] for r in gpu}):
+            pairs = [(k[2], k[3], _ratio(get.get(("cuda", "fused", *k[2:])), get.get(("cuda", "clip_loss", *k[2:])),
+                                          "ms")) for k in get if k[0] == "cuda" and k[1] == "fused" and k[4] == dt
+                     and k[2] >= 4096]
+            measured = [(n_, d_, r) for n_, d_, r in pairs if r]
+            ok = measured and all(r <= 1.0 for _, _, r in measured)
+            lines.append(f"- GPU {dt}, fused time / ClipLoss time for N >= 4096: " + (", ".join(
+                f"N={n_} D={d_}: {r:.2f}" for n_, d_, r in sorted(measured)) or "not measured")
+                + f" -> **{'met' if ok else 'MISSED' if measured else 'not measured'}**.")
+            mem = [(d_, _ratio(get.get(("cuda", "fused", 32768, d_, dt)), get.get(("cuda", "clip_loss", 32768, d_, dt)),
+                                "peak_tensor_mib")) for d_ in sorted({k[3] for k in get if k[0] == "cuda"})]
+            mem = [(d_, r) for d_, r in mem if r]
+            lines.append(f"- GPU {dt}, fused / ClipLoss peak memory at N=32768: " + (", ".join(
+                f"D={d_}: 1/{1 / r:.1f}" for d_, r in mem) or "not measured (ClipLoss out of memory?)")
+                + (f" -> **{'met' if all(r <= 0.1 for _, r in mem) else 'MISSED'}**." if mem else "."))
+    tri = [r for r in pool_rows if r["device"] == "cuda" and r["impl"] == "triton" and r["status"] == "ok"]
+    if tri and tri[0].get("pct_hbm_peak"):
+        best = max(tri, key=lambda r: float(r["gbps"]))
+        lines.append(f"- GPU pooling at >= 70% of HBM bandwidth: best {best['gbps']} GB/s = {best['pct_hbm_peak']}% "
+                     f"of peak at B={best['b']}, D={best['d']} -> **{'met' if float(best['pct_hbm_peak']) >= 70 else 'MISSED'}**.")
+    else:
+        lines.append("- H100 pooling at >= 70% of HBM bandwidth: **not measured** (no GPU).")
+    return lines
+
+
+def render_markdown(loss_sizes: list[tuple[int, int]]) -> str:
+    res = H.RESULTS
+    loss_rows = H.read_csv(res / "contrastive_cpu.csv") + H.read_csv(res / "contrastive_cuda.csv")
+    pool_rows = H.read_csv(res / "pooling_cpu.csv") + H.read_csv(res / "pooling_cuda.csv")
+    aot_rows = H.read_csv(res / "aot_sm90.csv")
+    out = ["## Kernels", "",
+           "Generated by `python -m benchmarks.bench_kernels` (raw numbers: `benchmarks/results/*.csv`). Forward + "
+           "backward of the symmetric CLIP loss on unit-norm features with `logit_scale` = 100 (requires grad), "
+           "returning d image, d text and d logit_scale. Providers: **fused** = `vladva_openclip.kernels."
+           "contrastive_loss` (`impl=\"auto\"`: Triton on CUDA, the chunked torch reference on CPU); **ClipLoss** = "
+           "`open_clip.loss.ClipLoss()`; **eager** = one `s * I @ T.T` and two `F.cross_entropy` calls.", "",
+           "How memory is measured: on CUDA, `torch.cuda.max_memory_allocated()` during one forward+backward minus "
+           "what was allocated before (the inputs). On CPU each case runs in a fresh process and reports (a) the peak "
+           "total size of live tensor storages, tracked over every aten op with a `TorchDispatchMode` (the CPU analogue "
+           "of `max_memory_allocated`), and in brackets (b) the peak resident set size (`ru_maxrss`) above the "
+           "baseline after the inputs were built, with glibc's mmap threshold pinned (`MALLOC_MMAP_THRESHOLD_=131072`) "
+           "so freed blocks go back to the OS. Both exclude the inputs and include the gradients. Times: CUDA "
+           "`triton.testing.do_bench` median; CPU median of 3 runs after a warm-up (1 run for the big cases).", ""]
+    machines = sorted({r["machine"] for r in loss_rows + pool_rows})
+    out += ["Machines: " + "; ".join(f"`{m}`" for m in machines) if machines else "Machines: none measured yet.", ""]
+    out += ["### Targets", ""] + _targets(loss_rows, pool_rows) + [""]
+    cpu_sizes = sorted({(int(r["n"]), int(r["d"])) for r in loss_rows if r["device"] == "cpu"})
+    if cpu_sizes:
+        out += ["### Contrastive loss on CPU (reference path)", ""]
+        out += _loss_table(loss_rows, "cpu", cpu_sizes, ["fp32"]) + [""]
+    gpu_dtypes = sorted({r["dtype"] for r in loss_rows if r["device"] == "cuda"}) or ["bf16", "fp32"]
+    out += ["### Contrastive loss on GPU (Triton path)", ""]
+    if not any(r["device"] == "cuda" for r in loss_rows):
+        out += ["No GPU was available when these results were produced: the rows below are **not measured**. "
+                "Run `python -m benchmarks.bench_kernels --device cuda` on an H100 to fill them in.", ""]
+    out += _loss_table(loss_rows, "cuda", loss_sizes, gpu_dtypes) + [""]
+    out += ["### Last-token pooling bandwidth (forward)", "",
+            "Bytes = pooled rows read + written + mask scanned + indices. CPU rows are the torch reference "
+            "(informational); the target is for the Triton kernel on an H100.", "",
+            "| device | impl | B | T | D | dtype | ms | GB/s | % HBM peak | % of measured copy |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in pool_rows:
+        out.append(f"| {r['device']} | {r['impl']} | {r['b']} | {r['t']} | {r['d']} | {r['dtype']} | "
+                   f"{r.get('ms') or r['status']} | {r.get('gbps') or '-'} | {r.get('pct_hbm_peak') or '-'} | "
+                   f"{r.get('pct_copy') or '-'} |")
+    if not any(r["device"] == "cuda" for r in pool_rows):
+        for b, t, d in BP.GPU_SHAPES:
+            out.append(f"| cuda | triton | {b} | {t} | {d} | bfloat16 | not measured | - | - | - |")
+    out.append("")
+    if aot_rows:
+        out += ["### Ahead-of-time compile for sm_90 (no GPU needed)", "",
+                "`triton.compile(..., target=GPUTarget(\"cuda\", 90, 32))` of every GPU configuration at D = 4096; "
+                "shared memory per block must stay under 227 KiB.", "",
+                "| kernel | dtype | shared memory (B) | status |", "|---|---|---|---|"]
+        out += [f"| {r['kernel']} | {r['dtype']} | {r['shared_bytes']} | {r['status']} |" for r in aot_rows]
+        out.append("")
+    return "\n".join(out)
+
+
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--sizes", default="1024,4096,16384,32768", help="N values")
+    parser.add_argument("--dims", default="1536,4096", help="D values")
+    parser.add_argument("--extra", default="8192x1024", help="more NxD cases (the CPU memory target)")
+    parser.add_argument("--dtypes", default=None, help="default: fp32 on CPU, bf16,fp32 on CUDA")
+    parser.add_argument("--providers", default=",".join(BC.PROVIDERS))
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per CPU case")
+    parser.add_argument("--skip-loss", action="store_true")
+    parser.add_argument("--skip-pooling", action="store_true")
+    parser.add_argument("--aot", action="store_true", help="also AOT-compile every kernel for sm_90")
+    parser.add_argument("--markdown", default=str(H.REPO / "BENCHMARKS.md"))
+    parser.add_argument("--markdown-only", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    sizes = [(n, d) for n in map(int, args.sizes.split(",")) for d in map(int, args.dims.split(","))]
+    sizes += [s for s in _parse_sizes(args.extra) if s not in sizes]
+    sizes.sort()
+    if not args.markdown_only:
+        dtypes = (args.dtypes or ("fp32" if device == "cpu" else "bf16,fp32")).split(",")
+        if not args.skip_loss:
+            rows = run_contrastive(device, sizes, dtypes, args.providers.split(","), args.timeout)
+            _merge(H.RESULTS / f"contrastive_{device}.csv", rows, LOSS_FIELDS, ("provider", "n", "d", "dtype"))
+        if not args.skip_pooling:
+            rows = run_pooling(device)
+            _merge(H.RESULTS / f"pooling_{device}.csv", rows, POOL_FIELDS, ("impl", "b", "t", "d", "dtype"))
+        if args.aot:
+            _merge(H.RESULTS / "aot_sm90.csv", run_aot(), AOT_FIELDS, ("kernel", "dtype", "dim"))
+    H.replace_section(Path(args.markdown), "kernels", render_markdown(sizes))
+    print(f"wrote {args.markdown} (section 'Kernels') and CSVs in {H.RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
