@@ -31,7 +31,6 @@ def _eager(img, txt, scale):
 def make_step(provider: str, n: int, d: int, dtype: torch.dtype, device: str):
     """Inputs and a closure running one forward+backward (gradients via autograd.grad: nothing accumulates)."""
     from open_clip.loss import ClipLoss
-
     from vladva_openclip.kernels import contrastive_loss
 
     gen = torch.Generator(device=device).manual_seed(0)

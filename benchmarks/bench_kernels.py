@@ -26,6 +26,7 @@ POOL_FIELDS = ["device", "machine", "impl", "b", "t", "d", "dtype", "ms", "gbps"
 AOT_FIELDS = ["machine", "kernel", "dtype", "dim", "shared_bytes", "status"]
 MIB = 2 ** 20
 CPU_TARGET_CASE = (8192, 1024)
+DEFAULT_GRID = [(n, d) for n in (1024, 4096, 16384, 32768) for d in (1536, 4096)] + [CPU_TARGET_CASE]
 
 
 def _ram_bytes() -> int:
@@ -52,7 +53,7 @@ def run_contrastive(device: str, sizes: list[tuple[int, int]], dtypes: list[str]
     cases = [(n, d, dt, p) for n, d in sizes for dt in dtypes for p in providers]
     rows = []
     for n, d, dtype, provider in tqdm(cases, desc="contrastive"):
-        row = dict(device=device, machine=machine, provider=provider, n=n, d=d, dtype=dtype)
+        row = {"device": device, "machine": machine, "provider": provider, "n": n, "d": d, "dtype": dtype}
         if device == "cpu" and _cpu_memory_estimate(provider, n, d) > 0.7 * _ram_bytes():
             row["status"] = f"not measured: needs ~{_cpu_memory_estimate(provider, n, d) / 2**30:.0f} GiB RAM"
         else:
@@ -84,7 +85,8 @@ def run_pooling(device: str) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     for (b, t, d) in shapes:
         for impl in impls:
-            row = dict(device=device, machine=machine, impl=impl, b=b, t=t, d=d, dtype=str(dtype).split(".")[-1])
+            row = {"device": device, "machine": machine, "impl": impl, "b": b, "t": t, "d": d,
+                   "dtype": str(dtype).split(".")[-1]}
             try:
                 res = BP.measure((b, t, d), dtype, device, impl)
             except torch.cuda.OutOfMemoryError:
@@ -106,9 +108,9 @@ def run_aot() -> list[dict]:
     rows = []
     for dtype in (torch.bfloat16, torch.float32):
         for r in compile_all(dtype, dim=4096, arch=90):
-            rows.append(dict(machine=H.machine_name("cpu"), kernel=r.name, dtype=r.dtype, dim=4096,
-                             shared_bytes=r.shared_bytes,
-                             status="ok" if r.shared_bytes <= SM90_SHARED_LIMIT else "over the sm_90 limit"))
+            rows.append({"machine": H.machine_name("cpu"), "kernel": r.name, "dtype": r.dtype, "dim": 4096,
+                             "shared_bytes": r.shared_bytes,
+                             "status": "ok" if r.shared_bytes <= SM90_SHARED_LIMIT else "over the sm_90 limit"})
     return rows
 
 
@@ -136,8 +138,8 @@ def _ratio(a: dict | None, b: dict | None, field: str) -> float | None:
 def _loss_table(rows: list[dict], device: str, sizes: list[tuple[int, int]], dtypes: list[str]) -> list[str]:
     by_key = {(r["provider"], int(r["n"]), int(r["d"]), r["dtype"]): r for r in rows if r["device"] == device}
     mem_note = "peak MiB tensor (RSS)" if device == "cpu" else "peak MiB allocated"
-    out = [f"| N | D | dtype | fused ms | ClipLoss ms | eager ms | fused {mem_note} | ClipLoss {mem_note} | "
-           "eager peak MiB | fused / ClipLoss time | fused / ClipLoss memory |",
+    out = [(f"| N | D | dtype | fused ms | ClipLoss ms | eager ms | fused {mem_note} | ClipLoss {mem_note} | "
+           "eager peak MiB | fused / ClipLoss time | fused / ClipLoss memory |"),
            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, d in sizes:
         for dt in dtypes:
@@ -152,6 +154,10 @@ def _loss_table(rows: list[dict], device: str, sizes: list[tuple[int, int]], dty
     return out
 
 
+def _verdict(ok: bool) -> str:
+    return "**met**" if ok else "**MISSED**"
+
+
 def _targets(loss_rows: list[dict], pool_rows: list[dict]) -> list[str]:
     get = {(r["device"], r["provider"], int(r["n"]), int(r["d"]), r["dtype"]): r for r in loss_rows}
     lines = []
@@ -160,35 +166,35 @@ def _targets(loss_rows: list[dict], pool_rows: list[dict]) -> list[str]:
     ratio_t, ratio_r = _ratio(f, c, "peak_tensor_mib"), _ratio(f, c, "peak_rss_mib")
     if ratio_t:
         ok = ratio_t <= 1 / 8 and (ratio_r is None or ratio_r <= 1 / 8)
-        lines.append(f"- CPU, N={n}, D={d}: fused peak memory at most 1/8 of ClipLoss's: **{'met' if ok else 'MISSED'}**"
-                     f" (tensor peak 1/{1 / ratio_t:.1f}" + (f", RSS 1/{1 / ratio_r:.1f}" if ratio_r else "") + ").")
+        rss = f", RSS 1/{1 / ratio_r:.1f}" if ratio_r else ""
+        lines.append(f"- CPU, N={n}, D={d}: fused peak memory at most 1/8 of ClipLoss's: {_verdict(ok)} "
+                     f"(tensor peak 1/{1 / ratio_t:.1f}{rss}).")
     else:
         lines.append(f"- CPU, N={n}, D={d}: memory ratio not measured.")
-    gpu = [r for r in loss_rows if r["device"] == "cuda"]
-    if not gpu:
+    gpu_dtypes = sorted({r["dtype"] for r in loss_rows if r["device"] == "cuda"})
+    if not gpu_dtypes:
         lines.append("- H100, fused at least as fast as ClipLoss for N >= 4096: **not measured** (no GPU).")
         lines.append("- H100, fused peak memory at most 1/10 of ClipLoss's at N = 32768: **not measured** (no GPU).")
-    else:
-        for dt in sorted({r["dtype"] for r in gpu}):
-            pairs = [(k[2], k[3], _ratio(get.get(("cuda", "fused", *k[2:])), get.get(("cuda", "clip_loss", *k[2:])),
-                                          "ms")) for k in get if k[0] == "cuda" and k[1] == "fused" and k[4] == dt
-                     and k[2] >= 4096]
-            measured = [(n_, d_, r) for n_, d_, r in pairs if r]
-            ok = measured and all(r <= 1.0 for _, _, r in measured)
-            lines.append(f"- GPU {dt}, fused time / ClipLoss time for N >= 4096: " + (", ".join(
-                f"N={n_} D={d_}: {r:.2f}" for n_, d_, r in sorted(measured)) or "not measured")
-                + f" -> **{'met' if ok else 'MISSED' if measured else 'not measured'}**.")
-            mem = [(d_, _ratio(get.get(("cuda", "fused", 32768, d_, dt)), get.get(("cuda", "clip_loss", 32768, d_, dt)),
-                                "peak_tensor_mib")) for d_ in sorted({k[3] for k in get if k[0] == "cuda"})]
-            mem = [(d_, r) for d_, r in mem if r]
-            lines.append(f"- GPU {dt}, fused / ClipLoss peak memory at N=32768: " + (", ".join(
-                f"D={d_}: 1/{1 / r:.1f}" for d_, r in mem) or "not measured (ClipLoss out of memory?)")
-                + (f" -> **{'met' if all(r <= 0.1 for _, r in mem) else 'MISSED'}**." if mem else "."))
+    for dt in gpu_dtypes:
+        sizes = sorted({(k[2], k[3]) for k in get if k[0] == "cuda" and k[4] == dt})
+        speed = [(n_, d_, _ratio(get.get(("cuda", "fused", n_, d_, dt)), get.get(("cuda", "clip_loss", n_, d_, dt)),
+                                 "ms")) for n_, d_ in sizes if n_ >= 4096]
+        speed = [(n_, d_, r) for n_, d_, r in speed if r]
+        text = ", ".join(f"N={n_} D={d_}: {r:.2f}" for n_, d_, r in speed) or "not measured"
+        verdict = _verdict(all(r <= 1.0 for *_, r in speed)) if speed else "**not measured**"
+        lines.append(f"- GPU {dt}, fused time / ClipLoss time for N >= 4096: {text} -> {verdict}.")
+        mem = [(d_, _ratio(get.get(("cuda", "fused", n_, d_, dt)), get.get(("cuda", "clip_loss", n_, d_, dt)),
+                           "peak_tensor_mib")) for n_, d_ in sizes if n_ == 32768]
+        mem = [(d_, r) for d_, r in mem if r]
+        text = ", ".join(f"D={d_}: 1/{1 / r:.1f}" for d_, r in mem) or "not measured (ClipLoss out of memory?)"
+        verdict = _verdict(all(r <= 0.1 for _, r in mem)) if mem else "**not measured**"
+        lines.append(f"- GPU {dt}, fused / ClipLoss peak memory at N=32768: {text} -> {verdict}.")
     tri = [r for r in pool_rows if r["device"] == "cuda" and r["impl"] == "triton" and r["status"] == "ok"]
     if tri and tri[0].get("pct_hbm_peak"):
         best = max(tri, key=lambda r: float(r["gbps"]))
+        ok = float(best["pct_hbm_peak"]) >= 70
         lines.append(f"- GPU pooling at >= 70% of HBM bandwidth: best {best['gbps']} GB/s = {best['pct_hbm_peak']}% "
-                     f"of peak at B={best['b']}, D={best['d']} -> **{'met' if float(best['pct_hbm_peak']) >= 70 else 'MISSED'}**.")
+                     f"of peak at B={best['b']}, D={best['d']} -> {_verdict(ok)}.")
     else:
         lines.append("- H100 pooling at >= 70% of HBM bandwidth: **not measured** (no GPU).")
     return lines
@@ -197,21 +203,24 @@ def _targets(loss_rows: list[dict], pool_rows: list[dict]) -> list[str]:
 def render_markdown(loss_sizes: list[tuple[int, int]]) -> str:
     res = H.RESULTS
     loss_rows = H.read_csv(res / "contrastive_cpu.csv") + H.read_csv(res / "contrastive_cuda.csv")
+    # the GPU table always lists the grid, plus anything measured or requested
+    loss_sizes = sorted(set(loss_sizes) | set(DEFAULT_GRID) | {(int(r["n"]), int(r["d"])) for r in loss_rows})
     pool_rows = H.read_csv(res / "pooling_cpu.csv") + H.read_csv(res / "pooling_cuda.csv")
     aot_rows = H.read_csv(res / "aot_sm90.csv")
     out = ["## Kernels", "",
-           "Generated by `python -m benchmarks.bench_kernels` (raw numbers: `benchmarks/results/*.csv`). Forward + "
+           ("Generated by `python -m benchmarks.bench_kernels` (raw numbers: `benchmarks/results/*.csv`). Forward + "
            "backward of the symmetric CLIP loss on unit-norm features with `logit_scale` = 100 (requires grad), "
            "returning d image, d text and d logit_scale. Providers: **fused** = `vladva_openclip.kernels."
            "contrastive_loss` (`impl=\"auto\"`: Triton on CUDA, the chunked torch reference on CPU); **ClipLoss** = "
-           "`open_clip.loss.ClipLoss()`; **eager** = one `s * I @ T.T` and two `F.cross_entropy` calls.", "",
-           "How memory is measured: on CUDA, `torch.cuda.max_memory_allocated()` during one forward+backward minus "
+           "`open_clip.loss.ClipLoss()`; **eager** = one `s * I @ T.T` and two `F.cross_entropy` calls."), "",
+           ("How memory is measured: on CUDA, `torch.cuda.max_memory_allocated()` during one forward+backward minus "
            "what was allocated before (the inputs). On CPU each case runs in a fresh process and reports (a) the peak "
-           "total size of live tensor storages, tracked over every aten op with a `TorchDispatchMode` (the CPU analogue "
-           "of `max_memory_allocated`), and in brackets (b) the peak resident set size (`ru_maxrss`) above the "
-           "baseline after the inputs were built, with glibc's mmap threshold pinned (`MALLOC_MMAP_THRESHOLD_=131072`) "
-           "so freed blocks go back to the OS. Both exclude the inputs and include the gradients. Times: CUDA "
-           "`triton.testing.do_bench` median; CPU median of 3 runs after a warm-up (1 run for the big cases).", ""]
+           "total size of live tensor storages, tracked over every aten op with a `TorchDispatchMode` (the CPU "
+           "analogue of `max_memory_allocated`), and in brackets (b) the peak resident set size (`ru_maxrss`) above "
+           "the baseline after the inputs were built, with glibc's mmap threshold pinned "
+           "(`MALLOC_MMAP_THRESHOLD_=131072`) so freed blocks go back to the OS. Both exclude the inputs and include "
+           "the gradients. Times: CUDA `triton.testing.do_bench` median; CPU median of 3 runs after a warm-up "
+           "(1 run for the big cases)."), ""]
     machines = sorted({r["machine"] for r in loss_rows + pool_rows})
     out += ["Machines: " + "; ".join(f"`{m}`" for m in machines) if machines else "Machines: none measured yet.", ""]
     out += ["### Targets", ""] + _targets(loss_rows, pool_rows) + [""]
@@ -222,12 +231,12 @@ def render_markdown(loss_sizes: list[tuple[int, int]]) -> str:
     gpu_dtypes = sorted({r["dtype"] for r in loss_rows if r["device"] == "cuda"}) or ["bf16", "fp32"]
     out += ["### Contrastive loss on GPU (Triton path)", ""]
     if not any(r["device"] == "cuda" for r in loss_rows):
-        out += ["No GPU was available when these results were produced: the rows below are **not measured**. "
-                "Run `python -m benchmarks.bench_kernels --device cuda` on an H100 to fill them in.", ""]
+        out += [("No GPU was available when these results were produced: the rows below are **not measured**. "
+                "Run `python -m benchmarks.bench_kernels --device cuda` on an H100 to fill them in."), ""]
     out += _loss_table(loss_rows, "cuda", loss_sizes, gpu_dtypes) + [""]
     out += ["### Last-token pooling bandwidth (forward)", "",
-            "Bytes = pooled rows read + written + mask scanned + indices. CPU rows are the torch reference "
-            "(informational); the target is for the Triton kernel on an H100.", "",
+            ("Bytes = pooled rows read + written + mask scanned + indices. CPU rows are the torch reference "
+            "(informational); the target is for the Triton kernel on an H100."), "",
             "| device | impl | B | T | D | dtype | ms | GB/s | % HBM peak | % of measured copy |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in pool_rows:
@@ -240,8 +249,8 @@ def render_markdown(loss_sizes: list[tuple[int, int]]) -> str:
     out.append("")
     if aot_rows:
         out += ["### Ahead-of-time compile for sm_90 (no GPU needed)", "",
-                "`triton.compile(..., target=GPUTarget(\"cuda\", 90, 32))` of every GPU configuration at D = 4096; "
-                "shared memory per block must stay under 227 KiB.", "",
+                ("`triton.compile(..., target=GPUTarget(\"cuda\", 90, 32))` of every GPU configuration at D = 4096; "
+                "shared memory per block must stay under 227 KiB."), "",
                 "| kernel | dtype | shared memory (B) | status |", "|---|---|---|---|"]
         out += [f"| {r['kernel']} | {r['dtype']} | {r['shared_bytes']} | {r['status']} |" for r in aot_rows]
         out.append("")

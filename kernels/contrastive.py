@@ -28,7 +28,6 @@ from torch import Tensor
 
 from ._dispatch import OpRegistry, interpreter_only_reasons, no_reasons, triton_reasons
 
-REF_CHUNK_ELEMENTS = 1 << 21  # rows per reference chunk = this // columns: [chunk, N] fp32 buffers of <= 8 MiB
 
 
 class Backend(Protocol):
@@ -63,8 +62,14 @@ def row_terms(stats: Tensor, pos: Tensor) -> Tensor:
     return (stats[0] - pos) + stats[1]
 
 
-def default_chunk(n_cols: int, elements: int = REF_CHUNK_ELEMENTS) -> int:
-    return max(1, min(4096, elements // max(n_cols, 1)))
+def default_chunk(dim: int) -> int:
+    """Rows per reference chunk: about D / 3 (a multiple of 32 in [32, 4096]).
+
+    The chunk's three [chunk, N] fp32 buffers then take at most half of what the two [N, D] fp32 gradients need
+    anyway, so peak memory stays O(N * D), while the chunk GEMMs keep an inner dimension large enough for BLAS to
+    run near its peak (a fixed small chunk made the dB accumulation ``addmm_`` the bottleneck at D = 4096).
+    """
+    return max(32, min(4096, dim // 3 // 32 * 32))
 
 
 def _shifted_exp_(s: Tensor, shift: Tensor, logsum: Tensor | None = None) -> Tensor:
@@ -82,7 +87,7 @@ class ReferenceBackend:
 
     def forward_stats(self, a, b, scale, offset, col_stats, chunk):
         n, m = a.shape[0], b.shape[0]
-        chunk = chunk or default_chunk(m)
+        chunk = chunk or default_chunk(a.shape[1])
         b32 = b.float()
         row = torch.empty(2, n, dtype=torch.float32, device=a.device)
         pos = torch.empty(n, dtype=torch.float32, device=a.device)
@@ -103,7 +108,7 @@ class ReferenceBackend:
 
     def backward_system(self, a, b, row, col, scale, grad, coef, n_diag, offset, need_a, need_b, need_scale, chunk):
         n, m = a.shape[0], b.shape[0]
-        chunk = chunk or default_chunk(m)
+        chunk = chunk or default_chunk(a.shape[1])
         b32 = b.float()
         da = torch.empty_like(a) if need_a else None
         db32 = torch.zeros(m, b.shape[1], dtype=torch.float32, device=b.device) if need_b else None

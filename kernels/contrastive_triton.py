@@ -2,14 +2,14 @@
 
 * ``contrastive_fwd_kernel``: one program per (row block, column split). It sweeps its columns tile by tile,
   recomputing ``s = scale * a @ b.T`` with D tiled by BLOCK_K, and keeps an online (max, sum) log-sum-exp per row
-  in fp32, the positive logit, and (global mode) each column's log-sum-exp over the block's rows. The partial
+  in fp32, the positive logit, and (global mode) each column's (max, log-sum) over the block's rows. The partial
   results are a few [splits, n] / [row_blocks, m] fp32 vectors merged in torch; the logits never reach memory.
 * ``contrastive_grad_kernel``: one program per logit tile of a row chunk: recomputes ``s``, forms
-  ``G = coef * (exp(s - lse_row) [+ exp(s - lse_col)] - n_diag * onehot)`` and the ``sum G * x`` term of the
-  ``logit_scale`` gradient, and writes ``scale * G`` for that chunk only. The two dense products ``G @ b`` (dA)
-  and, in a second pass over column chunks with the roles swapped, ``G^T @ a`` (dB) then go to cuBLAS. A fully
-  fused dA accumulator would be [BLOCK_M, D] (1 MiB at D=4096): it cannot live on chip, and spilling it to HBM
-  per tile costs more traffic than the GEMMs (README, "Design").
+  ``G = coef * (P_row [+ P_col] - n_diag * onehot)`` with ``P = exp((s - max) - logsum)``, adds the tile's
+  ``sum G * x`` (the ``logit_scale`` gradient), and writes ``scale * G`` for that chunk only. The dense products
+  ``G @ b`` (dA) and, in a second pass over column chunks with the roles swapped, ``G^T @ a`` (dB) go to cuBLAS.
+  A fully fused dA accumulator would be [BLOCK_M, D] fp32 (up to 1 MiB at D=4096): it cannot live on chip, and
+  spilling it to HBM per tile costs far more traffic than the GEMMs (README, "Backward").
 """
 from __future__ import annotations
 
