@@ -85,6 +85,39 @@ def test_optimizer_groups_and_lr_scale(tmp_path):
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, pytest.approx(1e-2)]
 
 
+def test_resumable_loader_skips_reports_boundaries_and_shows_progress(capsys):
+    from vladva_openclip.train.main import ResumableLoader
+
+    class Loader(list):
+        num_batches, num_samples = 6, 48
+
+    seen = []
+    loader = ResumableLoader(Loader(range(6)), skip=2, on_step_boundary=seen.append, progress="epoch 3")
+    assert len(loader) == 4
+    assert list(loader) == [2, 3, 4, 5]
+    assert seen == [3, 4, 5]  # between batches only: never before the first one after a resume
+    bar = capsys.readouterr().err
+    assert "epoch 3" in bar and "2/6" in bar  # the bar starts with the skipped batches counted as done
+    assert list(ResumableLoader(Loader(range(3)), 0, None)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""  # no bar unless asked
+
+
+def test_open_clip_train_logging_setup_is_undone_after_a_run(tmp_path):
+    import logging
+
+    from open_clip_train.logger import setup_logging
+
+    from vladva_openclip.train.main import restored_root_logging
+
+    hf = logging.getLogger("transformers")
+    hf_level, root_handlers = hf.level, list(logging.getLogger().handlers)
+    with restored_root_logging():
+        setup_logging(str(tmp_path / "out.log"), logging.INFO)  # what open_clip_train's main() does
+        assert hf.level == logging.INFO and len(logging.getLogger().handlers) == len(root_handlers) + 2
+    assert hf.level == hf_level  # transformers does not stay at INFO (printing every model config)
+    assert logging.getLogger().handlers == root_handlers
+
+
 def test_accumulation_is_exact(tmp_path):
     """open_clip's two-pass accumulation (--accum-freq 2) gives the full-batch gradient for LoRA and prompts."""
     import types

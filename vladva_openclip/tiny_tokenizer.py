@@ -45,11 +45,25 @@ frame picture edge upper lower side positioned placed located sits lies appears 
 USER ASSISTANT system user assistant You are a helpful
 """.split()
 
+# Every word of the synthetic world's captions (vladva_openclip.synth), weighted up in the corpus so that each is a
+# single token: the tiny models read and write these captions, and a colour or shape split into byte pieces
+# (" p" + "urple") is both slower (longer sequences) and harder for a 2-layer LLM to compose.
+_SCENE_WORDS = """
+a an the of in on at to and is are has its it this there these we can see from with over under above below left
+right top bottom center corner corners side sides frame image picture drawing shows showing contains drawn placed
+located appears stands visible nothing else only other apart empty completely single one two three four five six
+object objects shape shapes small large circle square triangle star diamond hexagon round equal straight sharp
+pointed tips perfectly red green blue yellow purple orange pink cyan white beige light dark gray background plain
+texture pattern stripes diagonal dots checkerboard grainy speckled slightly faint
+""".split()
+_SCENE_WEIGHT = 40
+
 
 def _corpus() -> list[str]:
     import open_clip
 
     lines = [" ".join(_WORDS), " ".join(w.capitalize() for w in _WORDS)]
+    lines += [" " + " ".join(_SCENE_WORDS), " " + " ".join(w.capitalize() for w in _SCENE_WORDS)] * _SCENE_WEIGHT
     lines += list(open_clip.IMAGENET_CLASSNAMES)
     lines += [t("{}") if callable(t) else str(t) for t in open_clip.OPENAI_IMAGENET_TEMPLATES]
     lines += [

@@ -43,6 +43,7 @@ FLAGS: tuple[Flag, ...] = (
          "base_model"),
     Flag("--save-every-n-steps", dict(type=int, default=0, help="also checkpoint every N optimizer steps inside an "
                                                                 "epoch (resume loses at most N steps)")),
+    Flag("--progress", dict(action="store_true", help="a progress bar per epoch (rank 0) besides the log lines")),
     Flag("--max-nonfinite-steps", dict(type=int, default=5, help="stop after this many non-finite losses in a row "
                                                                  "(each one skips its step)")),
 )

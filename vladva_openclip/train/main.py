@@ -17,6 +17,7 @@ import types
 from typing import Any, Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import install
 from ..registry import is_vladva_name
@@ -115,10 +116,12 @@ class ResumableLoader:
     """Wraps an epoch's dataloader: skips the batches a resumed run already trained on, and calls
     ``on_step_boundary(batches_done)`` between batches (after the previous optimizer step finished)."""
 
-    def __init__(self, loader, skip: int, on_step_boundary: Callable[[int], None] | None):
+    def __init__(self, loader, skip: int, on_step_boundary: Callable[[int], None] | None,
+                 progress: str | None = None):
         self.loader = loader
         self.skip = skip
         self.on_step_boundary = on_step_boundary
+        self.progress = progress  # a tqdm description, or None for no bar
         self.num_batches = loader.num_batches
         self.num_samples = loader.num_samples
 
@@ -129,10 +132,16 @@ class ResumableLoader:
         it = iter(self.loader)
         for _ in range(self.skip):
             next(it, None)
-        for done, batch in enumerate(it, start=self.skip):
-            if done > self.skip and self.on_step_boundary is not None:
-                self.on_step_boundary(done)
-            yield batch
+        bar = tqdm(total=len(self.loader), initial=self.skip, desc=self.progress, unit="batch", leave=False,
+                   disable=self.progress is None)
+        try:
+            for done, batch in enumerate(it, start=self.skip):
+                if done > self.skip and self.on_step_boundary is not None:
+                    self.on_step_boundary(done)
+                yield batch
+                bar.update(1)
+        finally:
+            bar.close()
 
 
 class _CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
@@ -214,7 +223,9 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
 
         train = data["train"]
         original_loader = train.dataloader
-        train.dataloader = ResumableLoader(original_loader, skip, save_step)
+        # The bar only on rank 0 and only when asked: open_clip_train's log lines are what cluster logs want.
+        bar = f"epoch {epoch}" if vargs.progress and ocm.is_master(args) else None
+        train.dataloader = ResumableLoader(original_loader, skip, save_step, progress=bar)
         offset = skip // args.accum_freq
         shifted = (lambda step: scheduler(step + offset)) if (scheduler is not None and offset) else scheduler
         if skip:
@@ -256,6 +267,32 @@ def patched(hooks: dict[tuple[Any, str], Any]):
             setattr(module, attr, value)
 
 
+@contextlib.contextmanager
+def restored_root_logging() -> Iterator[None]:
+    """Undo what open_clip_train's ``setup_logging`` does to the process's logging when the block ends.
+
+    It adds root handlers (its log file, the console) and sets EVERY existing logger to its level: a second run in
+    the same process (tests, notebooks, the demo) would otherwise write into the first run's log file too, and
+    libraries such as transformers would stay at INFO (printing each model config) for the rest of the process.
+    """
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    levels = {name: lg.level for name, lg in logging.root.manager.loggerDict.items()
+              if isinstance(lg, logging.Logger)}
+    root_level = root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.setLevel(root_level)
+        for name, lg in logging.root.manager.loggerDict.items():
+            if isinstance(lg, logging.Logger):
+                lg.setLevel(levels.get(name, logging.NOTSET))
+
+
 def main(argv: list[str] | None = None) -> int | None:
     """Run open_clip_train's main() with the VladVA extensions; ``argv`` as on the command line."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -268,19 +305,8 @@ def main(argv: list[str] | None = None) -> int | None:
 
     install()  # rebinds the aliases open_clip_train imported by name
     state = RunState(vargs)
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        with patched(_make_hooks(state, ocm, ocs, oct)):
-            return ocm.main(rest)
-    finally:
-        # open_clip_train's setup_logging adds handlers to the root logger; a second run in the same process
-        # (tests, notebooks, the demo) would otherwise write into the first run's log file too.
-        for handler in root.handlers[:]:
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        root.setLevel(level)
+    with restored_root_logging(), patched(_make_hooks(state, ocm, ocs, oct)):
+        return ocm.main(rest)
 
 
 if __name__ == "__main__":

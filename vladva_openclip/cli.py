@@ -1,0 +1,145 @@
+"""The ``vladva`` command: subcommands registered by name (``vladva demo``, ``vladva pretrain-captioner``, ...).
+
+Training and evaluation have their own commands (``vladva-train``, ``vladva-eval``); ``vladva train`` and
+``vladva eval`` forward to them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+    passthrough: bool = False  # the remaining argv goes to the command untouched
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+             passthrough: bool = False) -> Callable[[Callable], Callable]:
+    def wrap(fn: Callable[[argparse.Namespace], int | None]) -> Callable:
+        if name in COMMANDS:
+            raise ValueError(f"vladva subcommand {name!r} is already registered")
+        COMMANDS[name] = Command(help, add_arguments or (lambda p: None), fn, passthrough)
+        return fn
+    return wrap
+
+
+def _setup_logging(quiet: bool) -> None:
+    """This package's messages on stderr. Not through the root logger: open_clip_train installs its own root
+    handlers while it trains (its per-step lines), and a second root handler would print every line twice."""
+    logger = logging.getLogger("vladva_openclip")
+    if not any(getattr(h, "_vladva_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._vladva_cli = True
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
+# ---- demo ----------------------------------------------------------------------------------------------------
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    from .demo.pipeline import PRESETS, DemoConfig
+    from .demo.variants import VARIANTS
+
+    d = DemoConfig()
+    p.add_argument("--out", type=Path, default=d.out, help=f"output directory (default: {d.out})")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                   help="budget: default (about 3 min on 2 cores), fast (about 1 min), test (seconds; smoke test)")
+    p.add_argument("--fast", dest="preset", action="store_const", const="fast", help="same as --preset fast")
+    for name, kind, what in (
+        ("n_train", int, "training scenes"), ("n_test", int, "test scenes of every evaluation set"),
+        ("epochs", int, "epochs of both trainers"), ("batch_size", int, "batch size of both trainers"),
+        ("lr", float, "VladVA learning rate"), ("clip_lr", float, "CLIP baseline learning rate"),
+        ("warmup", int, "warmup steps"), ("seed", int, "training seed"), ("world_seed", int, "world seed"),
+        ("threads", int, "torch CPU threads (default: all cores)"),
+    ):
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
+                       help=f"{what} (default: the preset's; default preset: {getattr(d, name)})")
+    p.add_argument("--variant", choices=list(VARIANTS)[1:], default=None,
+                   help="which VladVA configuration to fine-tune (default: vladva = LoRA + soft prompts + AR loss)")
+    p.add_argument("--pretrained", default=None, help=f"base to fine-tune (default: {d.pretrained})")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false", default=None,
+                   help="skip the CLIP baseline")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--quiet", action="store_true", help="only warnings and the final table")
+
+
+@register("demo", "the embedded default: captioner -> VladVA fine-tuning -> evaluation, beside a CLIP baseline",
+          _demo_arguments)
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.pipeline import preset, run_demo
+
+    _setup_logging(args.quiet)
+    keys = ("out", "n_train", "n_test", "epochs", "batch_size", "lr", "clip_lr", "warmup", "seed", "world_seed",
+            "threads", "variant", "pretrained", "baseline", "progress")
+    cfg = preset(args.preset, **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
+    announce = (lambda msg: None) if args.quiet else (lambda msg: print(f"\n== {msg}", flush=True))
+    result = run_demo(cfg, announce=announce)
+    print(f"\nVladVA demo ({cfg.steps} training steps x batch {cfg.batch_size}, {cfg.n_test} test scenes; "
+          f"{result.seconds['total']:.0f} s)\n")
+    print(result.table.to_markdown())
+    if result.losses:
+        print("\nVladVA training losses on 64 fixed training samples, before -> after fine-tuning: " + ", ".join(
+            f"{k} {result.losses['before'].get(k, float('nan')):.3f} -> {v:.3f}"
+            for k, v in result.losses.get("after", {}).items()))
+    print("\nwritten: " + ", ".join(result.files.values()))
+    return 0
+
+
+# ---- pretrain-captioner ------------------------------------------------------------------------------------
+@register("pretrain-captioner", "reproduce the shipped tiny captioner (generative pretraining on the world)",
+          passthrough=True)
+def _pretrain(args: argparse.Namespace) -> int:
+    from .demo.pretrain_captioner import main as pretrain_main
+
+    pretrain_main(args.rest)
+    return 0
+
+
+# ---- forwarding to the other commands ----------------------------------------------------------------------
+@register("train", "vladva-train (open_clip_train's main with VladVA's flags)", passthrough=True)
+def _train(args: argparse.Namespace) -> int | None:
+    from .train.main import main as train_main
+
+    return train_main(args.rest)
+
+
+@register("eval", "vladva-eval (benchmarks, several models side by side)", passthrough=True)
+def _eval(args: argparse.Namespace) -> int | None:
+    from .eval.cli import main as eval_main
+
+    return eval_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vladva", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].passthrough:
+        # Forwarded verbatim (argparse would try to read the other command's flags, --help included).
+        return int(COMMANDS[argv[0]].run(argparse.Namespace(command=argv[0], rest=argv[1:])) or 0)
+    args = build_parser().parse_args(argv)
+    rc = COMMANDS[args.command].run(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
