@@ -29,7 +29,6 @@ from torch import Tensor
 from ._dispatch import OpRegistry, interpreter_only_reasons, no_reasons, triton_reasons
 
 
-
 class Backend(Protocol):
     def forward_stats(self, a: Tensor, b: Tensor, scale: Tensor, offset: int, col_stats: bool, chunk: int | None
                       ) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -1,11 +1,9 @@
 """Adapters (save/load exactness, merge, wrong base, corrupt files), base weights, meta counts, hub, generation."""
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import perturb_trainables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -176,9 +174,9 @@ def test_real_architectures_on_meta_have_published_sizes(name, expected):
 
 
 def test_real_transforms_sizes():
-    from PIL import Image
     from open_clip import image_transform
     from open_clip.transform import PreprocessCfg
+    from PIL import Image
 
     from vladva_openclip.config import VladVAConfig
     from vladva_openclip.registry import get_vladva_config

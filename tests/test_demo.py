@@ -194,6 +194,7 @@ def test_pretraining_is_deterministic_and_learns(tmp_path):
     a, b = run(tmp_path / "a"), run(tmp_path / "b")
     weights = "base_model.safetensors"
     assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
+    assert a["history"] == b["history"]
     first, last = a["history"][0], a["history"][-1]
     assert last["val_nll_unseen_scenes"] < first["val_nll_unseen_scenes"] - 1.0
     assert json.loads((tmp_path / "a" / "pretraining.json").read_text())["history"] == a["history"]

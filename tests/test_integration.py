@@ -1,5 +1,4 @@
 """Registration round trip through every open_clip entry point, and exact uninstall."""
-import importlib
 
 import pytest
 import torch

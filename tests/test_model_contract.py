@@ -3,7 +3,6 @@ import logging
 
 import pytest
 import torch
-
 from conftest import perturb_trainables
 
 

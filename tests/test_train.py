@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import perturb_trainables
 
 REPO = Path(__file__).resolve().parents[1]
