@@ -177,7 +177,6 @@ def test_ablation_aggregates_and_compares_directions(tmp_path):
     # + AR loss: the paper's I2T R@1 fell (92.9 -> 91.8) while ours rose: flagged as a disagreement
     ar = next(line for line in directions.splitlines() if "AR loss" in line)
     assert re.search(r"\+5\.0 / -1\.1 ✗", ar)
-    pytest.importorskip("matplotlib")
     png = A.plot(stats, tmp_path / "a.png", seeds=2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
