@@ -123,7 +123,8 @@ def _eval(args: argparse.Namespace) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vladva", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="vladva", description="VladVA: the demo, the captioner's pretraining, and shortcuts to vladva-train and vladva-eval.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)

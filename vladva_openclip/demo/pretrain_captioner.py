@@ -222,7 +222,7 @@ def pretrain_captioner(cfg: CaptionerConfig) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> CaptionerConfig:
     defaults = CaptionerConfig(out=Path("."))
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="vladva pretrain-captioner", description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="output directory (replaced)")
     for name in ("steps", "batch_size", "warmup", "n_train", "n_val", "world_seed", "seed", "max_long_len",
                  "threads", "eval_every", "n_samples"):
