@@ -59,28 +59,28 @@ def _replace_rel(spec, scene, config):
     return [replace(spec, relation=(i, r, j)) for r in config.relations if r != rel]
 
 
-@register_negative("swap_obj")
-def _swap_obj(spec, scene, config):
+def _swap_attributes(spec, fields: tuple[str, ...]):
+    """Every caption with one attribute exchanged between two of its noun phrases (pairs in order, then ``fields``
+    in order), where both phrases state the attribute and it differs."""
     out = []
     for i in range(len(spec.nps)):
         for j in range(i + 1, len(spec.nps)):
             a, b = spec.nps[i], spec.nps[j]
-            if a.shape != b.shape:
-                out.append(_with_np(_with_np(spec, i, replace(a, shape=b.shape)), j, replace(b, shape=a.shape)))
+            for f in fields:
+                va, vb = getattr(a, f), getattr(b, f)
+                if va and vb and va != vb:
+                    out.append(_with_np(_with_np(spec, i, replace(a, **{f: vb})), j, replace(b, **{f: va})))
     return out
+
+
+@register_negative("swap_obj")
+def _swap_obj(spec, scene, config):
+    return _swap_attributes(spec, ("shape",))
 
 
 @register_negative("swap_att")
 def _swap_att(spec, scene, config):
-    out = []
-    for i in range(len(spec.nps)):
-        for j in range(i + 1, len(spec.nps)):
-            a, b = spec.nps[i], spec.nps[j]
-            if a.colour and b.colour and a.colour != b.colour:
-                out.append(_with_np(_with_np(spec, i, replace(a, colour=b.colour)), j, replace(b, colour=a.colour)))
-            if a.size and b.size and a.size != b.size:
-                out.append(_with_np(_with_np(spec, i, replace(a, size=b.size)), j, replace(b, size=a.size)))
-    return out
+    return _swap_attributes(spec, ("colour", "size"))
 
 
 @register_negative("add_obj")
