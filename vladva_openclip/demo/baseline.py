@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,10 +111,8 @@ def train_clip(table: str | Path, logs: str | Path, name: str, settings: TrainSe
     import open_clip_train.main as ocm
 
     from ..train.main import restored_root_logging
+    from .runs import run_to_final_checkpoint
 
-    run_dir = Path(logs) / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     argv = [
         "--model", model_name, "--train-data", str(table), "--dataset-type", "csv", "--csv-img-key", img_key,
         "--csv-caption-key", caption_key, "--csv-separator", sep, "--batch-size", str(settings.batch_size),
@@ -125,11 +122,8 @@ def train_clip(table: str | Path, logs: str | Path, name: str, settings: TrainSe
         "--log-every-n-steps", str(settings.log_every), "--save-frequency", str(settings.epochs),
     ]
     with restored_root_logging():
-        rc = ocm.main(argv)
-    ckpt = run_dir / "checkpoints" / f"epoch_{settings.epochs}.pt"
-    if rc not in (None, 0) or not ckpt.is_file():
-        raise RuntimeError(f"open_clip_train failed for {model_name} (return code {rc}); see {run_dir / 'out.log'}")
-    return ckpt
+        return run_to_final_checkpoint(ocm.main, argv, logs, name, settings.epochs,
+                                       f"open_clip_train for {model_name}")
 
 
 def load_clip(model_name: str, checkpoint: str | Path, device: str = "cpu"):

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import baseline
+from .runs import run_to_final_checkpoint
 from .summary import SummaryTable
 from .variants import Variant, get_variant
 
@@ -113,13 +114,8 @@ def eval_tasks(paths) -> list[dict[str, Any]]:
 def train_variant(variant: Variant, train_csv: Path, cfg: DemoConfig, logs: Path, name: str) -> Path:
     """Fine-tune ``variant`` from ``cfg.pretrained`` with ``vladva-train`` (open_clip_train's loop); returns the
     final checkpoint (trainable tensors only)."""
-    import shutil
-
     from ..train.main import main as train_main
 
-    run_dir = Path(logs) / name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     argv = [
         "--model", MODEL_NAME, "--pretrained", cfg.pretrained, "--dataset-type", "csv",
         "--train-data", str(train_csv), "--csv-img-key", "filepath", "--csv-caption-key", "short_caption",
@@ -130,11 +126,7 @@ def train_variant(variant: Variant, train_csv: Path, cfg: DemoConfig, logs: Path
         "--log-every-n-steps", str(cfg.log_every), "--save-frequency", str(cfg.epochs),
         *variant.train_flags(), *(["--progress"] if cfg.progress else []),
     ]
-    rc = train_main(argv)
-    ckpt = run_dir / "checkpoints" / f"epoch_{cfg.epochs}.pt"
-    if rc not in (None, 0) or not ckpt.is_file():
-        raise RuntimeError(f"vladva-train failed for {variant.label} (return code {rc}); see {run_dir / 'out.log'}")
-    return ckpt
+    return run_to_final_checkpoint(train_main, argv, logs, name, cfg.epochs, f"vladva-train for {variant.label}")
 
 
 def load_variant(variant: Variant, cfg: DemoConfig, checkpoint: Path | None = None):
