@@ -41,6 +41,7 @@ __all__ = [
     "ZeroShotClassificationTask",
     "build_task",
     "register_task",
+    "subset_names",
 ]
 
 PathLike = str | os.PathLike
@@ -183,6 +184,23 @@ class RetrievalTask(Task):
                 Column(f"I2T {label}", tuple(f"i2t_R@{k}" for k in ks))]
 
 
+def subset_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """``subsets`` as given in Python or a tasks file -> a tuple of names (None: all).
+
+    A string is one name or a comma-separated list (``"swap_att"``, ``"swap_att,add_obj"``); iterating it would
+    give single characters.
+    """
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value)
+    if not all(isinstance(x, str) for x in items):
+        raise TypeError(f"subsets must be a string or a list of strings, got {value!r}")
+    names = tuple(x.strip() for x in items if x.strip())
+    if not names:
+        raise ValueError(f"subsets={value!r} names no subset; leave it out to use all of them")
+    return names
+
+
 _SC_SHORT = {"replace_obj": "RO", "replace_att": "RA", "replace_rel": "RR", "swap_obj": "SO", "swap_att": "SA",
              "add_obj": "AO", "add_att": "AA"}
 
@@ -197,6 +215,9 @@ class SugarCrepeConfig:
     subsets: tuple[str, ...] | None = None
     name: str | None = "sugarcrepe"
     skip_missing: bool = False
+
+    def __post_init__(self):
+        self.subsets = subset_names(self.subsets)
 
 
 @register_task("sugarcrepe", "sugar_crepe")
@@ -244,6 +265,9 @@ class SugarCrepePPConfig:
     subsets: tuple[str, ...] | None = None
     name: str | None = "sugarcrepe_pp"
     skip_missing: bool = False
+
+    def __post_init__(self):
+        self.subsets = subset_names(self.subsets)
 
 
 @register_task("sugarcrepe_pp", "sugarcrepe++", "sugar_crepe_pp")
