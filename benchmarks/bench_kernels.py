@@ -19,6 +19,7 @@ from tqdm import tqdm
 from benchmarks import _harness as H
 from benchmarks import bench_contrastive as BC
 from benchmarks import bench_pooling as BP
+from vladva_openclip.progress import progress
 
 LOSS_FIELDS = ["device", "machine", "provider", "n", "d", "dtype", "ms", "peak_tensor_mib", "peak_rss_mib", "status"]
 POOL_FIELDS = ["device", "machine", "impl", "b", "t", "d", "dtype", "ms", "gbps", "pct_hbm_peak", "pct_copy",
@@ -52,7 +53,7 @@ def run_contrastive(device: str, sizes: list[tuple[int, int]], dtypes: list[str]
     machine = H.machine_name(device)
     cases = [(n, d, dt, p) for n, d in sizes for dt in dtypes for p in providers]
     rows = []
-    for n, d, dtype, provider in tqdm(cases, desc="contrastive"):
+    for n, d, dtype, provider in progress(cases, desc="contrastive"):
         row = {"device": device, "machine": machine, "provider": provider, "n": n, "d": d, "dtype": dtype}
         if device == "cpu" and _cpu_memory_estimate(provider, n, d) > 0.7 * _ram_bytes():
             row["status"] = f"not measured: needs ~{_cpu_memory_estimate(provider, n, d) / 2**30:.0f} GiB RAM"

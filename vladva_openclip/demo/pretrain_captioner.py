@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from ..progress import progress as tqdm
 from ..synth import World, WorldConfig
 
 _logger = logging.getLogger(__name__)

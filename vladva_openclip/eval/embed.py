@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from ..progress import progress as tqdm
 from .cache import EmbeddingCache, model_fingerprint, texts_fingerprint
 from .images import ImageSet
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+
+from ..progress import progress as tqdm
 
 __all__ = [
     "classification_metrics",

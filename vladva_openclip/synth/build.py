@@ -21,8 +21,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
+from ..progress import progress as tqdm
 from .config import WorldConfig
 from .negatives import SUGARCREPE_PP_SUBSETS, SUGARCREPE_SUBSETS
 from .render import png_bytes
