@@ -1,6 +1,8 @@
-"""Pieces shared by every training dataset: caption packing, safe image loading and the skip counter."""
+"""Pieces shared by every training dataset: caption packing, safe image loading, the skip counter, and the error
+for bad training input."""
 from __future__ import annotations
 
+import codecs
 import hashlib
 import io
 import logging
@@ -18,6 +20,49 @@ _logger = logging.getLogger(__name__)
 
 # What a broken image file can raise while PIL opens and decodes it.
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class TrainInputError(ValueError):
+    """Flags or training data that cannot be used; the message names what is wrong and how to fix it.
+    ``vladva-train`` prints it as one line (no traceback) and exits with status 2."""
+
+
+def check_encoding(encoding: str) -> str:
+    """``encoding`` if Python knows it, else a :class:`TrainInputError`."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError as err:
+        raise TrainInputError(f"unknown --csv-encoding {encoding!r}; use a Python codec name such as utf-8, "
+                              "utf-8-sig, latin-1 or cp1252") from err
+    return encoding
+
+
+def decode_error_message(path: str | Path, encoding: str, chunk_size: int = 1 << 20) -> str | None:
+    """Where ``path`` stops being valid ``encoding`` text, as a message naming the line, byte offset and bytes,
+    and how to fix it; None if the whole file decodes. Reads the file in chunks (incremental decoder), so the
+    offset is exact for any file size."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset, line = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(chunk_size)
+            final = not chunk
+            try:
+                decoder.decode(chunk, final=final)
+            except UnicodeDecodeError as err:
+                # the decoder's position counts from the bytes it still held back plus this chunk
+                pending = len(err.object) - len(chunk)
+                bad_at = offset - pending + err.start
+                head = err.object[: err.start]
+                line += head.count(b"\n")
+                bad = err.object[err.start:err.end + 3]
+                return (f"{path} is not valid {encoding} text: line {line}, byte {bad_at} ({bad!r}: {err.reason}). "
+                        f"Pass the file's encoding with --csv-encoding (e.g. --csv-encoding latin-1 or cp1252), or "
+                        f"convert it to UTF-8 (iconv -f LATIN1 -t UTF-8 {Path(path).name} > fixed.csv)")
+            if final:
+                return None
+            line += chunk.count(b"\n")
+            offset += len(chunk)
 
 
 def pack_captions(short_ids: torch.Tensor, long_ids: torch.Tensor | None, length: int, pad_id: int) -> torch.Tensor:
@@ -80,11 +125,30 @@ class CaptionPacker:
         self.max_long_len = max_long_len
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = 0 if pad is None else int(pad)  # open_clip's own tokenizers pad with 0 and have no attribute
+        # samples with an empty short caption, shared with DataLoader workers (as SkipCounter's count)
+        self.empty_short = multiprocessing.Value("q", 0)
 
     def __call__(self, short: str | None, long: str | None) -> torch.Tensor:
+        if not short:
+            self._count_empty()
         short_ids = self.tokenizer([short or ""], context_length=self.max_short_len)[0]
         long_ids = self.tokenizer([long], context_length=self.max_long_len)[0] if long else None
         return pack_captions(short_ids, long_ids, self.max_long_len, self.pad_id)
+
+    def _count_empty(self) -> None:
+        with self.empty_short.get_lock():
+            self.empty_short.value += 1
+            first = self.empty_short.value == 1
+        if first:
+            _logger.warning("a sample has an empty short caption: it trains as an empty text (the text tower sees "
+                            "only its prompt). Further ones are counted, and the count is logged after each epoch")
+
+    def report_empty(self) -> int:
+        """Log (once per call) how many samples so far had an empty short caption; returns the count."""
+        total = int(self.empty_short.value)
+        if total:
+            _logger.warning("%d samples so far had an empty short caption (trained as empty texts)", total)
+        return total
 
 
 def sample_seed(*parts) -> int:

@@ -35,6 +35,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--max-short-len", dict(type=int, default=32, help="caption tokens kept for the contrastive loss")),
     Flag("--max-long-len", dict(type=int, default=128, help="caption tokens kept for the AR loss (paper: <=500)")),
     Flag("--long-caption-key", dict(type=str, default="long_caption", help="CSV column of the long caption")),
+    Flag("--csv-encoding", dict(type=str, default="utf-8", help="text encoding of --train-data/--val-data CSV/TSV "
+                                                                "tables (e.g. latin-1, cp1252, utf-8-sig)")),
     Flag("--wds-caption-key", dict(type=str, default="txt", help="webdataset key of the short caption")),
     Flag("--wds-long-caption-key", dict(type=str, default="long.txt", help="webdataset key of the long caption")),
     Flag("--synthetic-size", dict(type=int, default=256, help="samples per epoch with --dataset-type synthetic")),

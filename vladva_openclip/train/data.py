@@ -38,7 +38,10 @@ from ._common import (
     IMAGE_ERRORS,
     CaptionPacker,
     SkipCounter,
+    TrainInputError,
+    check_encoding,
     clean_caption,
+    decode_error_message,
     load_rgb,
     pack_captions,
     sample_seed,
@@ -75,6 +78,7 @@ ARG_DEFAULTS = {
     "csv_img_key": "filepath",
     "csv_caption_key": "title",
     "csv_separator": "\t",
+    "csv_encoding": "utf-8",
 }
 MAX_CONSECUTIVE_SKIPS = 64
 
@@ -115,13 +119,16 @@ class CaptionTableDataset(Dataset):
     def __init__(self, path: str | Path, transform: Callable, packer: CaptionPacker, skips: SkipCounter, *,
                  img_key: str = "filepath", caption_key: str = "title", long_key: str = "long_caption",
                  sep: str = "\t", max_consecutive_skips: int = MAX_CONSECUTIVE_SKIPS, seed: int = 0,
-                 shared_epoch: SharedEpoch | None = None):
+                 shared_epoch: SharedEpoch | None = None, encoding: str = "utf-8"):
         self.path = Path(path)
         # all text, and only empty cells are missing: a caption "NA" or "null" stays a caption
-        df = pd.read_csv(self.path, sep=sep, dtype=str, keep_default_na=False)
+        try:
+            df = pd.read_csv(self.path, sep=sep, dtype=str, keep_default_na=False, encoding=check_encoding(encoding))
+        except UnicodeDecodeError as err:  # pandas names neither the file nor the row
+            raise TrainInputError(decode_error_message(self.path, encoding) or f"{self.path}: {err}") from err
         missing = [k for k in (img_key, caption_key) if k not in df.columns]
         if missing:
-            raise ValueError(
+            raise TrainInputError(
                 f"{self.path}: column(s) {missing} not found; columns are {list(df.columns)} (read with separator "
                 f"{sep!r}). Set --csv-img-key / --csv-caption-key to the image-path and short-caption columns, "
                 "and --csv-separator to the file's separator"
@@ -135,7 +142,7 @@ class CaptionTableDataset(Dataset):
                             self.path, long_key)
             self.longs = [None] * len(self.images)
         if not self.images:
-            raise ValueError(f"{self.path}: the table has no rows")
+            raise TrainInputError(f"{self.path}: the table has no rows")
         self.root = self.path.parent
         self.transform = transform
         self.packer = packer
@@ -239,6 +246,7 @@ def get_csv_dataset(args, preprocess_fn, is_train: bool, epoch: int = 0, tokeniz
         path, preprocess_fn, make_packer(args, tokenizer), skips, img_key=_arg(args, "csv_img_key"),
         caption_key=_arg(args, "csv_caption_key"), long_key=_arg(args, "long_caption_key"),
         sep=_arg(args, "csv_separator"), seed=int(getattr(args, "seed", 0) or 0),
+        encoding=_arg(args, "csv_encoding"),
     )
     return _map_loader(args, dataset, is_train, skips, epoch)
 

@@ -11,17 +11,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import types
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from .. import install
 from ..registry import is_vladva_name
+from ._common import TrainInputError
 from .args import model_kwargs, split_args
+from .checkpoints import (
+    HEALTH_KEY,
+    atomic_save,
+    clean_stale_temp_files,
+    clear_unusable,
+    find_resume_checkpoint,
+    health_record,
+    mark_unusable,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -31,34 +43,78 @@ class RunState:
 
     def __init__(self, vargs: argparse.Namespace):
         self.vargs = vargs
+        self.args: argparse.Namespace | None = None  # open_clip_train's namespace (with the VladVA flags merged)
         self.model: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
         self.resume_batches = 0  # batches of the resumed epoch already trained
-        self.nonfinite_in_a_row = 0
+        self.restore_save_most_recent = False
+        self.step_save_deferred = False  # a step checkpoint fell due during a non-finite streak
+        self.temp_files_cleaned = False
+        # checkpoints whose weights no finite optimizer step has used yet: (path, finite steps when saved)
+        self.unconfirmed: list[tuple[str, int]] = []
+
+    def _finite_steps(self) -> int:
+        return int(getattr(self.optimizer, "finite_steps", 0))
+
+    def health(self) -> dict[str, int]:
+        return health_record(getattr(self.optimizer, "nonfinite_in_a_row", 0),
+                             getattr(self.optimizer, "skipped_steps", 0))
+
+    def checkpoint_written(self, path: str | os.PathLike) -> None:
+        """Remember ``path`` until a finite step shows that its weights give a finite loss."""
+        done = self._finite_steps()
+        self.unconfirmed = [(p, n) for p, n in self.unconfirmed if n == done]
+        self.unconfirmed.append((os.fspath(path), done))
+
+    def mark_blown_up(self) -> None:
+        """The streak limit was hit: every checkpoint saved since the last finite step holds the weights that gave
+        only non-finite losses, so ``--resume latest`` must not pick it."""
+        done = self._finite_steps()
+        limit = getattr(self.optimizer, "max_in_a_row", "?")
+        for path, n in self.unconfirmed:
+            if n == done:
+                mark_unusable(path, f"its weights gave {limit} non-finite losses in a row")
+        self.unconfirmed = []
 
 
 # ---- checkpoint writing ----------------------------------------------------------------------------------------
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a crash never leaves a torn file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 class _TorchWithAtomicSave(types.ModuleType):
-    """Stands in for ``torch`` inside open_clip_train.main only, so its checkpoint writes become atomic."""
+    """Stands in for ``torch`` inside open_clip_train.main only, so its checkpoint writes become atomic and carry
+    the run's health (a checkpoint saved during a non-finite streak is not resumed from)."""
 
-    def __init__(self):
+    def __init__(self, state: RunState, latest_name: str):
         super().__init__("torch")
+        self._state = state
+        self._latest_name = latest_name
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
 
-    save = staticmethod(atomic_save)
+    def save(self, obj: Any, path: str | os.PathLike) -> None:
+        if isinstance(obj, dict) and "state_dict" in obj:
+            obj = {**obj, HEALTH_KEY: self._state.health()}
+        atomic_save(obj, path)
+        if os.path.basename(path) == "tmp.pt":
+            # --save-most-recent: open_clip_train renames tmp.pt to epoch_latest.pt right after this save
+            path = os.path.join(os.path.dirname(path), self._latest_name)
+            clear_unusable(path)
+        self._state.checkpoint_written(path)
+
+
+def check_learning_rate(lr: float, lr_scales: list[float], weight_decay: float) -> None:
+    """Reject a learning rate the optimizer cannot apply: AdamW multiplies float32 weights by ``lr * scale`` (and
+    ``1 - lr * scale * weight_decay``), which overflows past float32's largest value before any loss is seen."""
+    if not math.isfinite(lr) or lr < 0:
+        raise TrainInputError(f"--lr {lr:g} is not a usable learning rate: it must be a finite number >= 0")
+    biggest = float(torch.finfo(torch.float32).max)
+    for scale in lr_scales:
+        effective = lr * scale * max(1.0, weight_decay)
+        if not math.isfinite(effective) or effective > biggest:
+            scaled = f" x lr scale {scale:g}" if scale != 1.0 else ""
+            raise TrainInputError(
+                f"--lr {lr:g}{scaled} (weight decay {weight_decay:g}) is larger than float32 can hold "
+                f"({biggest:.3g}): the optimizer step would overflow. Use a learning rate in the usual range "
+                "(1e-5 to 1e-3 for LoRA fine-tuning)")
 
 
 # ---- optimizer -------------------------------------------------------------------------------------------------
@@ -71,6 +127,7 @@ class GuardedAdamW(torch.optim.AdamW):
         self.max_in_a_row = max_in_a_row
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        self.finite_steps = 0  # steps taken (finite gradients), in this process
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
@@ -89,10 +146,13 @@ class GuardedAdamW(torch.optim.AdamW):
             if self.nonfinite_in_a_row >= self.max_in_a_row:
                 raise FloatingPointError(
                     f"{self.nonfinite_in_a_row} non-finite losses in a row; stopping. Lower the learning rate or "
-                    f"check the data, then resume from the last checkpoint (--resume latest)")
+                    f"check the data, then resume from the last checkpoint (--resume latest, which passes over the "
+                    f"checkpoints holding the weights that gave these losses)")
             return None
         self.nonfinite_in_a_row = 0
-        return super().step(closure)
+        out = super().step(closure)
+        self.finite_steps += 1
+        return out
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, soft_prompt_lr_scale: float) -> list[dict]:
@@ -162,15 +222,32 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
     original_create = ocm.create_model_and_transforms
     original_pt_load = ocm.pt_load
     original_train_one_epoch = ocm.train_one_epoch
+    original_get_latest = ocm.get_latest_checkpoint
     vargs = state.vargs
 
     def parse_args(argv):
         args = original_parse(argv)
         for key, value in vars(vargs).items():
             setattr(args, key, value)
+        check_learning_rate(args.lr, [1.0, vargs.soft_prompt_lr_scale], args.wd)
+        if args.resume == "latest" and args.remote_sync is None and args.save_most_recent:
+            # With --save-most-recent, open_clip_train looks only at epoch_latest.pt and would miss the step
+            # checkpoints; hidden for its lookup (which then calls get_latest_checkpoint below), restored when the
+            # model is created, before anything is saved.
+            args.save_most_recent = False
+            state.restore_save_most_recent = True
+        state.args = args
         return args
 
+    def get_latest_checkpoint(path: str, remote: bool):
+        if remote:
+            return original_get_latest(path, remote)
+        return find_resume_checkpoint(path, accum_freq=getattr(state.args, "accum_freq", 1))
+
     def create_model_and_transforms(model_name, *a, **kw):
+        if state.restore_save_most_recent:
+            state.args.save_most_recent = True
+            state.restore_save_most_recent = False
         if is_vladva_name(model_name):
             kw.update(model_kwargs(vargs))
         out = original_create(model_name, *a, **kw)
@@ -196,29 +273,53 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         if model is None or not hasattr(model, "trainable_groups"):
             return torch.optim.AdamW(groups, **kw)
         wd = max((g.get("weight_decay", 0.0) for g in groups), default=0.0)
-        return GuardedAdamW(param_groups(model, wd, vargs.soft_prompt_lr_scale),
-                            max_in_a_row=vargs.max_nonfinite_steps, **kw)
+        state.optimizer = GuardedAdamW(param_groups(model, wd, vargs.soft_prompt_lr_scale),
+                                       max_in_a_row=vargs.max_nonfinite_steps, **kw)
+        return state.optimizer
 
     def pt_load(path, map_location=None):
-        ckpt = original_pt_load(path, map_location=map_location)
+        try:
+            ckpt = original_pt_load(path, map_location=map_location)
+        except FileNotFoundError as err:
+            raise TrainInputError(f"--resume {path}: no such checkpoint file") from err
+        except Exception as err:  # (truncated, not a checkpoint, or holding pickled code)
+            raise TrainInputError(
+                f"cannot read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0]}): it is "
+                "truncated or not a training checkpoint. Pass an earlier checkpoint to --resume, or use --resume "
+                "latest, which passes over unreadable ones") from err
         if isinstance(ckpt, dict):
             state.resume_batches = int(ckpt.get("batches_done", 0))
+            state.checkpoint_written(path)  # a streak right after resuming condemns these weights too
         return ckpt
 
     def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None):
         skip, state.resume_batches = state.resume_batches, 0
         every = vargs.save_every_n_steps * args.accum_freq
+        if args.save_logs and not state.temp_files_cleaned:
+            state.temp_files_cleaned = True
+            clean_stale_temp_files(args.checkpoint_path)
 
         def save_step(batches_done: int) -> None:
-            if not every or batches_done % every or not args.save_logs:
+            if not every or not args.save_logs or batches_done % args.accum_freq:
                 return
+            if batches_done % every and not state.step_save_deferred:
+                return
+            if getattr(optimizer, "nonfinite_in_a_row", 0):
+                # These weights may be the ones that make every loss NaN: wait until a step is finite again.
+                if not state.step_save_deferred:
+                    _logger.warning("step checkpoint at batch %d of epoch %d postponed: non-finite steps in "
+                                    "progress", batches_done, epoch)
+                state.step_save_deferred = True
+                return
+            state.step_save_deferred = False
             ckpt = {"epoch": epoch, "name": args.name, "state_dict": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "batches_done": batches_done}
+                    "optimizer": optimizer.state_dict(), "batches_done": batches_done, HEALTH_KEY: state.health()}
             if scaler is not None:
                 ckpt["scaler"] = scaler.state_dict()
             # Sorts (natural order) after epoch_{epoch}.pt and before epoch_{epoch+1}.pt: --resume latest finds it.
             path = os.path.join(args.checkpoint_path, f"epoch_{epoch}_step_{batches_done // args.accum_freq}.pt")
             atomic_save(ckpt, path)
+            state.checkpoint_written(path)
             _logger.info("saved step checkpoint %s", path)
 
         train = data["train"]
@@ -233,21 +334,27 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         try:
             return original_train_one_epoch(model, data, loss, epoch, optimizer, scaler, shifted, dist_model, args,
                                             tb_writer=tb_writer)
+        except FloatingPointError:
+            if args.save_logs:
+                state.mark_blown_up()
+            raise
         finally:
             train.dataloader = original_loader
             report = getattr(train, "skip_report", None)
             if callable(report):
                 report()
+            report_empty_captions(original_loader)
 
     hooks = {
         (ocm, "parse_args"): parse_args,
+        (ocm, "get_latest_checkpoint"): get_latest_checkpoint,
         (ocm, "create_model_and_transforms"): create_model_and_transforms,
         (ocm, "create_loss"): create_loss,
         (ocm, "get_data"): vdata.get_data,
         (ocm, "optim"): types.SimpleNamespace(AdamW=adamw),
         (ocm, "pt_load"): pt_load,
         (ocm, "train_one_epoch"): train_one_epoch,
-        (ocm, "torch"): _TorchWithAtomicSave(),
+        (ocm, "torch"): _TorchWithAtomicSave(state, ocm.LATEST_CHECKPOINT_NAME),
         (ocs, "assign_learning_rate"): assign_learning_rate,
     }
     if not torch.cuda.is_available():
@@ -306,7 +413,32 @@ def main(argv: list[str] | None = None) -> int | None:
     install()  # rebinds the aliases open_clip_train imported by name
     state = RunState(vargs)
     with restored_root_logging(), patched(_make_hooks(state, ocm, ocs, oct)):
-        return ocm.main(rest)
+        try:
+            return ocm.main(rest)
+        except TrainInputError as err:  # bad flags or data: the message says what and how to fix it
+            _report_fatal(str(err))
+            return 2
+        except FloatingPointError as err:  # the non-finite guard stopped the run (checkpoints are marked)
+            _report_fatal(str(err))
+            return 1
+
+
+def _report_fatal(message: str) -> None:
+    """One line on stderr, and the same line in the run's log file if it has one (not on the console twice)."""
+    print(f"vladva-train: error: {message}", file=sys.stderr)
+    record = _logger.makeRecord(_logger.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def report_empty_captions(loader) -> None:
+    """Log how many samples so far had an empty short caption (the packer warns only at the first one)."""
+    dataset = getattr(loader, "dataset", None)
+    packer = getattr(dataset, "packer", None) or getattr(getattr(dataset, "process", None), "packer", None)
+    report = getattr(packer, "report_empty", None)
+    if callable(report):
+        report()
 
 
 if __name__ == "__main__":
