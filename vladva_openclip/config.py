@@ -93,7 +93,6 @@ class VladVAConfig:
     tokenizer: str | None = None  # Hugging Face id or local dir; "asset:<name>" = a tokenizer shipped in the package
     context_length: int = 77  # caption tokens kept by the tokenizer (the prompt is added on top)
     init_logit_scale: float = 2.995732273553991  # ln(1/0.05), E5-V's temperature
-    base_dtype: str = "auto"  # "auto": bf16 on CUDA, fp32 elsewhere; or "float32"/"bfloat16"/"float16"
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
 

@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from .adapters import load_adapter, load_base_weights, read_meta
-from .backbones import WeightsNotFoundError, get_backbone
+from .adapters import BASE_FILE, load_adapter, load_base_weights, read_meta
+from .backbones import Backbone, WeightsNotFoundError, get_backbone
+from .backbones.sources import BaseModelError, check_base_dir, check_tokenizer_dir, is_local, root_cause
 from .config import VladVAConfig
 from .model import VladVA
 from .registry import get_pretrained_cfg, get_vladva_config, pretrained_tags
@@ -34,7 +35,9 @@ CONFIG_OVERRIDES: dict[str, str] = {
     "init_logit_scale": "init_logit_scale",
     "context_length": "context_length",
 }
-# open_clip precision -> dtype of the frozen base (trainable parameters always stay fp32).
+# open_clip precision -> dtype the frozen base is loaded in (trainable parameters always stay fp32). autocast
+# precisions keep open_clip's meaning (float32 weights) except amp_bf16: its matmuls run in bf16 anyway, so the
+# base is stored in bf16 and never exists in float32 (half the memory; what open_clip_train's amp_bf16 runs use).
 BASE_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32, "amp": torch.float32, "amp_fp16": torch.float32, "amp_bfloat16": torch.bfloat16,
     "amp_bf16": torch.bfloat16, "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16, "fp16": torch.float16,
@@ -80,43 +83,100 @@ def build_config(name: str, overrides: dict[str, Any], adapter_meta: dict[str, A
     return cfg.replace(**changes) if changes else cfg
 
 
+def _local_override(source: str | None) -> str | None:
+    """``VLADVA_BASE_DIR/<last part of the hub id>`` when that directory exists, else ``source``."""
+    if source is None or source.startswith("asset:"):
+        return source
+    root = os.environ.get("VLADVA_BASE_DIR")
+    if root and not is_local(source):
+        candidate = Path(root) / source.split("/")[-1]
+        if candidate.is_dir():
+            return str(candidate)
+    return source
+
+
 def build_tokenizer(cfg: VladVAConfig, context_length: int | None = None, cache_dir: str | None = None):
-    source = cfg.tokenizer or cfg.base_model
+    """The caption tokenizer of ``cfg`` (its ``tokenizer``, else its ``base_model``).
+
+    Raises:
+        WeightsNotFoundError: a local tokenizer directory that is missing or holds no tokenizer files, or a hub
+            id that cannot be fetched.
+        BaseModelError: a local tokenizer directory whose files cannot be parsed.
+    """
+    source = _local_override(cfg.tokenizer or cfg.base_model)
     if source is None:
-        raise ValueError("the model config names no tokenizer")
-    return VladVATokenizer(load_hf_tokenizer(source, cache_dir=cache_dir), context_length or cfg.context_length)
+        raise ValueError("the model config names no tokenizer; pass tokenizer=<directory or Hugging Face id>")
+    if source.startswith("asset:") or not is_local(source):
+        return VladVATokenizer(load_hf_tokenizer(source, cache_dir=cache_dir), context_length or cfg.context_length)
+    root = check_tokenizer_dir(source)
+    try:
+        hf_tokenizer = load_hf_tokenizer(str(root), cache_dir=cache_dir)
+    except Exception as err:  # tokenizers raises bare Exceptions for corrupt files
+        raise BaseModelError(f"tokenizer directory {root} cannot be loaded ({root_cause(err)}); its files are "
+                             f"corrupt or incomplete: copy the base model's tokenizer files there again") from err
+    return VladVATokenizer(hf_tokenizer, context_length or cfg.context_length)
 
 
 def _base_source(cfg: VladVAConfig) -> str | None:
-    if cfg.base_model is None:
-        return None
-    root = os.environ.get("VLADVA_BASE_DIR")
-    if root:
-        candidate = Path(root) / cfg.base_model.split("/")[-1]
-        if candidate.is_dir():
-            return str(candidate)
-    return cfg.base_model
+    source = _local_override(cfg.base_model)
+    return os.path.expanduser(source) if source is not None and is_local(source) else source
+
+
+def adopt_architecture(cfg: VladVAConfig, backbone: Backbone, hf_config: dict[str, Any]) -> VladVAConfig:
+    """``cfg`` with the checkpoint's own config as the architecture (and what it fixes, e.g. LLaVA's image size).
+
+    The registered ``hf_config`` only describes the checkpoint the name was registered for; a base directory of
+    another size (a smaller test checkpoint, a fine-tuned variant) is built as its config.json says.
+    """
+    changes = {"hf_config": hf_config, **backbone.architecture(backbone.build_config(hf_config))}
+    if changes.get("image_size") not in (None, cfg.image_size):
+        _logger.info("image size %s from the base checkpoint (registered: %s)", changes["image_size"], cfg.image_size)
+    return cfg.replace(**changes)
+
+
+def local_architecture(cfg: VladVAConfig, model_name: str | None = None, need_weights: bool = True) -> VladVAConfig:
+    """When the base is a local directory, check it (exists, config.json, family, weights) before anything is
+    loaded, and make its config.json the architecture, also for meta-device and random builds."""
+    source = _base_source(cfg)
+    if source is None or not is_local(source):
+        return cfg
+    backbone = get_backbone(cfg.backbone)
+    return adopt_architecture(cfg, backbone, check_base_dir(source, backbone, model_name, need_weights=need_weights))
+
+
+def _ships_base(adapter_path: Path | None) -> bool:
+    return adapter_path is not None and adapter_path.is_dir() and (adapter_path / BASE_FILE).is_file()
 
 
 def build_lvlm(cfg: VladVAConfig, device: torch.device, dtype: torch.dtype, load_weights: bool,
-               adapter_path: Path | None, cache_dir: str | None):
+               adapter_path: Path | None, cache_dir: str | None, model_name: str | None = None):
+    """The base LVLM in ``dtype``, never materialised in float32 first -> (lvlm, ``cfg`` with its architecture).
+
+    Weights come from, in order: nothing on the ``meta`` device; the adapter directory when it ships
+    ``base_model.safetensors`` (tiny models); the config's ``base_model`` (a directory or hub id; straight onto a
+    CUDA ``device``) when ``load_weights``; else a seeded random initialisation.
+    """
     backbone = get_backbone(cfg.backbone)
     source = _base_source(cfg)
+    ships_base = _ships_base(adapter_path)
     if device.type == "meta":
         with torch.device("meta"):
-            return backbone.build_random(cfg.hf_config, dtype)
-    ships_base = adapter_path is not None and adapter_path.is_dir() and (adapter_path / "base_model.safetensors").is_file()
+            return backbone.build_random(cfg.hf_config, dtype), cfg
     if source is not None and load_weights and not ships_base:
-        return backbone.load_pretrained(source, dtype, cache_dir=cache_dir)
+        lvlm = backbone.load_pretrained(source, dtype, device=device, cache_dir=cache_dir, model_name=model_name)
+        if not is_local(source):  # a local directory's config was adopted before loading
+            cfg = adopt_architecture(cfg, backbone, lvlm.config.to_dict())
+        return lvlm, cfg
     if source is not None and not ships_base:
         _logger.warning("load_weights=False: %s is built with RANDOM weights (architecture only)", source)
-    # Random init is seeded so that a tiny model (and its LoRA init) is the same on every call and machine.
+    # Random init is seeded so that a tiny model (and its LoRA init) is the same on every call and machine; it is
+    # drawn on the CPU for the same reason, directly in the target dtype.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_INIT_SEED)
-        lvlm = backbone.build_random(cfg.hf_config, torch.float32)
+        lvlm = backbone.build_random(cfg.hf_config, dtype)
     if ships_base:
         load_base_weights(lvlm, adapter_path)
-    return lvlm.to(dtype)
+    return lvlm, cfg
 
 
 def create_vladva(
@@ -140,8 +200,11 @@ def create_vladva(
         pretrained: a registered tag, an adapter directory, a ``.safetensors`` trainable state dict or an
             open_clip_train ``.pt`` checkpoint. Base weights always come from the config's ``base_model`` (a
             Hugging Face id or, with ``base_model=``/``VLADVA_BASE_DIR``, a local directory).
-        precision: open_clip precision; decides the frozen base dtype (``bf16`` variants: bfloat16).
-        device: ``"meta"`` builds the architecture without weights (parameter counting, planning).
+        precision: open_clip precision; decides the dtype the frozen base is loaded in (``BASE_DTYPES``: the bf16
+            variants, amp_bf16 included, give bfloat16; fp16/pure_fp16 float16; fp32/amp float32). The base is
+            read straight into that dtype: no float32 copy is ever made.
+        device: where the model is built; with a CUDA device the base weights are loaded straight onto it
+            (each torchrun rank onto its own), ``"meta"`` builds the architecture without weights.
         **kwargs: overrides from ``CONFIG_OVERRIDES`` (e.g. ``lora_r=8``, ``image_prompt_mode="both"``).
     """
     for key in _UNSUPPORTED:
@@ -167,11 +230,13 @@ def create_vladva(
     if "base_model" in kwargs and "tokenizer" not in kwargs and registered.get("tokenizer") == registered.get("base_model"):
         kwargs["tokenizer"] = kwargs["base_model"]  # a local base directory carries its own tokenizer
     cfg = build_config(name, kwargs, meta)
+    device = torch.device(device)
+    dtype = BASE_DTYPES[precision]
+    loads_base = load_weights and device.type != "meta" and not _ships_base(path)
+    cfg = local_architecture(cfg, name, need_weights=loads_base)
     if force_image_size:
         size = force_image_size if isinstance(force_image_size, int) else force_image_size[0]
         cfg = cfg.replace(image_size=int(size))
-    device = torch.device(device)
-    dtype = BASE_DTYPES[precision]
     try:
         tokenizer = build_tokenizer(cfg, cache_dir=cache_dir)
     except WeightsNotFoundError:
@@ -180,7 +245,7 @@ def create_vladva(
         # On the meta device only the template's token counts matter; the shipped tokenizer stands in.
         _logger.warning("tokenizer %s unavailable; using a stand-in for the meta-device build", cfg.tokenizer)
         tokenizer = VladVATokenizer(load_hf_tokenizer("asset:tiny-llava"), cfg.context_length)
-    lvlm = build_lvlm(cfg, device, dtype, load_weights, path, cache_dir)
+    lvlm, cfg = build_lvlm(cfg, device, dtype, load_weights, path, cache_dir, model_name=name)
     with torch.random.fork_rng(devices=[]), (device if device.type == "meta" else contextlib.nullcontext()):
         torch.manual_seed(RANDOM_INIT_SEED)
         model = VladVA(cfg, lvlm, tokenizer, name=name)

@@ -34,7 +34,7 @@ def load_hf_tokenizer(source: str, cache_dir: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(source, cache_dir=cache_dir, local_files_only=local or hub_offline())
     except (OSError, ValueError) as err:
-        raise WeightsNotFoundError(missing_message("tokenizer files of", source)) from err
+        raise WeightsNotFoundError(missing_message("tokenizer files of", source, err)) from err
 
 
 class VladVATokenizer:

@@ -8,17 +8,29 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from .sources import (  # also re-exported: other modules import these names from here
+    BaseModelError,
+    WeightsNotFoundError,
+    check_base_dir,
+    check_family,
+    hub_offline,
+    is_local,
+    missing_message,
+    root_cause,
+)
+
 _logger = logging.getLogger(__name__)
 
-BACKBONES: dict[str, "Backbone"] = {}
+BACKBONES: dict[str, Backbone] = {}
 
 
-def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
+def register_backbone(cls: type[Backbone]) -> type[Backbone]:
     """Class decorator: registers one instance of ``cls`` under ``cls.name``; a second registration is an error."""
     if cls.name in BACKBONES:
         raise KeyError(f"backbone {cls.name!r} is already registered")
@@ -26,31 +38,11 @@ def register_backbone(cls: type["Backbone"]) -> type["Backbone"]:
     return cls
 
 
-def get_backbone(name: str) -> "Backbone":
+def get_backbone(name: str) -> Backbone:
     try:
         return BACKBONES[name]
     except KeyError:
         raise ValueError(f"unknown backbone {name!r}; registered backbones: {sorted(BACKBONES)}") from None
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """Base weights are neither in a local directory nor in the Hugging Face cache, and the hub is unreachable."""
-
-
-def hub_offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def missing_message(what: str, source: str) -> str:
-    """The one error text for weights or a tokenizer that cannot be found: what is missing and how to provide it."""
-    state = "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set)" if hub_offline() else "unreachable"
-    return (
-        f"{what} {source!r} are not in the local Hugging Face cache and the hub is {state}. Provide them in one "
-        f"of these ways: (1) on a machine with network, run `huggingface-cli download {source}` and copy the cache "
-        f"(HF_HOME) here; (2) pass base_model='/path/to/local/dir' (a directory saved with save_pretrained, holding "
-        f"the weights and the tokenizer) to create_model; (3) set VLADVA_BASE_DIR=/dir holding a sub-directory named "
-        f"{source.split('/')[-1]!r}. To only inspect the architecture, use device='meta' or load_weights=False."
-    )
 
 
 class Backbone:
@@ -58,6 +50,7 @@ class Backbone:
 
     name: str = ""
     model_class_name: str = ""  # attribute of ``transformers``
+    model_types: tuple[str, ...] = ()  # config.json ``model_type`` values of checkpoints this family loads
 
     # ---- construction -------------------------------------------------------------------------------------
     def model_class(self) -> type[nn.Module]:
@@ -66,33 +59,81 @@ class Backbone:
         return getattr(transformers, self.model_class_name)
 
     def build_config(self, hf_config: dict[str, Any]):
-        from transformers import AutoConfig
+        from transformers import AutoConfig, PretrainedConfig
 
+        if isinstance(hf_config, PretrainedConfig):
+            return hf_config
         cfg = dict(hf_config)
         model_type = cfg.pop("model_type")
         return AutoConfig.for_model(model_type, **cfg)
 
     def build_random(self, hf_config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
-        """The architecture with random weights (on the current default device, which may be ``meta``)."""
-        config = self.build_config(hf_config)
-        config._attn_implementation = "sdpa"
-        model = self.model_class()(config)
-        return model.to(dtype) if model.dtype != dtype and str(next(model.parameters()).device) != "meta" else model
+        """The architecture with random weights, created directly in ``dtype`` (no float32 copy), on the current
+        default device (which may be ``meta``)."""
+        return self.model_class()._from_config(self.build_config(hf_config), dtype=dtype, attn_implementation="sdpa")
 
-    def load_pretrained(self, source: str, dtype: torch.dtype, cache_dir: str | None = None) -> nn.Module:
-        """Base weights from a local directory or a Hugging Face id (offline mode honoured)."""
-        local = os.path.isdir(source)
+    def load_pretrained(self, source: str, dtype: torch.dtype, device: torch.device | None = None,
+                        cache_dir: str | None = None, model_name: str | None = None) -> nn.Module:
+        """Base weights from a local directory or a Hugging Face id (offline mode honoured).
+
+        Weights are read straight into ``dtype`` (transformers builds the model on the meta device and loads one
+        tensor at a time from memory-mapped safetensors): no float32 copy and no second host copy. With a CUDA
+        ``device`` they go straight to it (``device_map``), so torchrun ranks do not each stage the model in host
+        memory. The directory's (or hub id's) config.json is the architecture.
+
+        Raises:
+            WeightsNotFoundError: the directory or hub id does not hold the weights (the reason is in the text).
+            BaseModelError: a checkpoint of another family, corrupt files, or weights missing from the checkpoint.
+        """
+        local = is_local(source)
+        if local:
+            source = os.path.expanduser(source)
+            check_base_dir(source, self, model_name)
+        else:
+            self._check_hub_family(source, cache_dir, model_name)
+        kwargs: dict[str, Any] = {"dtype": dtype, "cache_dir": cache_dir, "local_files_only": local or hub_offline(),
+                                  "attn_implementation": "sdpa", "output_loading_info": True}
+        if device is not None and device.type not in ("cpu", "meta"):
+            kwargs["device_map"] = {"": device}
         try:
-            return self.model_class().from_pretrained(
-                source, dtype=dtype, cache_dir=cache_dir, local_files_only=local or hub_offline(),
-                attn_implementation="sdpa",
-            )
-        except (OSError, ValueError) as err:
+            lvlm, info = self.model_class().from_pretrained(source, **kwargs)
+        except Exception as err:  # transformers/safetensors raise many types; the cause is kept
             if local:
-                raise WeightsNotFoundError(
-                    f"could not load {self.name} base weights from local directory {source!r}: {err}"
-                ) from err
-            raise WeightsNotFoundError(missing_message("base weights", source)) from err
+                raise BaseModelError(
+                    f"could not load {self.name} base weights from directory {source}: {root_cause(err)}. The "
+                    f"directory must hold an unmodified {self.model_types[0]} checkpoint (config.json and the "
+                    f"weights as written by save_pretrained)") from err
+            raise WeightsNotFoundError(missing_message("base weights", source, err)) from err
+        self._check_loading_info(lvlm, info, source)
+        return lvlm
+
+    def _check_hub_family(self, source: str, cache_dir: str | None, model_name: str | None) -> None:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source, cache_dir=cache_dir, local_files_only=hub_offline())
+        except Exception as err:  # the hub raises many types; the cause is kept in the message
+            raise WeightsNotFoundError(missing_message("base weights", source, err)) from err
+        check_family(getattr(config, "model_type", None), self, f"hub checkpoint {source!r}", model_name)
+
+    @staticmethod
+    def _check_loading_info(lvlm: nn.Module, info: dict[str, Any], source: str) -> None:
+        """from_pretrained fills weights absent from the checkpoint with random values and only warns: here a
+        base with missing weights is an error (tied weights are not missing)."""
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:
+            raise BaseModelError(
+                f"base checkpoint {source} lacks {len(missing)} weight(s) of {type(lvlm).__name__}, e.g. "
+                f"{missing[:5]}; it was saved from another architecture or is incomplete. Provide the full "
+                f"checkpoint")
+        if info.get("unexpected_keys"):
+            _logger.warning("base checkpoint %s has %d weight(s) the model does not use, e.g. %s", source,
+                            len(info["unexpected_keys"]), sorted(info["unexpected_keys"])[:5])
+
+    def architecture(self, config) -> dict[str, Any]:
+        """What a checkpoint's config decides beyond the LVLM itself, as VladVAConfig fields (e.g. the image size
+        of a fixed-size vision tower); empty when the registered value stays."""
+        return {}
 
     # ---- layout -------------------------------------------------------------------------------------------
     def language_model(self, lvlm: nn.Module) -> nn.Module:

@@ -11,9 +11,14 @@ from .base import Backbone, register_backbone
 class LlavaBackbone(Backbone):
     name = "llava"
     model_class_name = "LlavaForConditionalGeneration"
+    model_types = ("llava",)
 
     def frozen_towers(self, lvlm: nn.Module) -> list[nn.Module]:
         return [lvlm.model.vision_tower, lvlm.model.multi_modal_projector]
+
+    def architecture(self, config) -> dict:
+        # CLIP's position embeddings fix the input size: the checkpoint decides it, not the registered config.
+        return {"image_size": int(config.vision_config.image_size)}
 
     def image_token_id(self, config) -> int:
         return int(config.image_token_id if hasattr(config, "image_token_id") else config.image_token_index)

@@ -27,6 +27,7 @@ def patchify(pixels: torch.Tensor, patch: int, temporal: int, merge: int) -> tup
 class Qwen2VLBackbone(Backbone):
     name = "qwen2vl"
     model_class_name = "Qwen2VLForConditionalGeneration"
+    model_types = ("qwen2_vl",)
 
     def frozen_towers(self, lvlm: nn.Module) -> list[nn.Module]:
         return [lvlm.model.visual]
