@@ -122,6 +122,14 @@ def _eval(args: argparse.Namespace) -> int | None:
     return eval_main(args.rest)
 
 
+@register("analyze", "the paper's analyses: prompt search, next tokens, attention maps, caption retention",
+          passthrough=True)
+def _analyze(args: argparse.Namespace) -> int | None:
+    from .analysis.cli import main as analyze_main
+
+    return analyze_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vladva", description="VladVA: the demo, the captioner's pretraining, and shortcuts to vladva-train and vladva-eval.")

@@ -1,0 +1,229 @@
+"""Every analysis on the embedded default, in one command (what RESULTS.md reports)::
+
+    vladva analyze miniature --out results/analysis      # or: python -m vladva_openclip.analysis.miniature
+
+The models: the shipped generative captioner used zero-shot with handcrafted prompts (``base``), its VladVA
+fine-tune (LoRA + soft prompts + contrastive + AR loss, ``vladva``) and a contrastive-only fine-tune (LoRA + soft
+prompts, no AR loss: the E5-V-like recipe, ``contrastive``), both trained by ``vladva-train`` exactly as
+``vladva demo`` trains (same world, budget and seed). Outputs: ``prompts/``, ``next_token/``, ``attention/``,
+``retention/`` and ``summary.json`` under ``--out``; the world, training runs and adapters go to ``--work``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import ModelRef, load_models
+from .outputs import write_json
+
+__all__ = ["PRESETS", "MiniatureConfig", "preset", "run_miniature"]
+
+_logger = logging.getLogger(__name__)
+
+MODEL_NAME = "vladva-tiny-llava"
+BASE_TAG = "synth_captioner"
+#: label -> demo variant fine-tuned from the captioner (None: the captioner itself, zero-shot)
+FINETUNES = {"vladva": "vladva", "contrastive": "lora-soft-prompt"}
+
+
+@dataclass
+class MiniatureConfig:
+    """Settings of the miniature run.
+
+    Attributes:
+        out: results folder; work: world, runs and adapters (reused when their settings match).
+        n_train, epochs, batch_size, lr, warmup, seed, world_seed: the fine-tunings (``vladva demo``'s defaults).
+        n_test: test scenes of the world; the prompt search uses its retrieval split (2 captions per image).
+        n_prompts: first N of the shipped 50 candidates (None: all).
+        next_token_inputs, attention_images: how many images (and captions) those views show.
+        retention_scenes, retention_world_seed, retention_split: the scenes captioned (a world seed no model has
+            seen; the train split has only colour-shape pairs the captioner learned).
+        threads: torch CPU threads (None: leave torch's default).
+    """
+
+    out: Path = Path("results/analysis")
+    work: Path = Path("vladva_analysis_work")
+    n_train: int = 4096
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 10
+    seed: int = 0
+    world_seed: int = 0
+    n_test: int = 200
+    n_prompts: int | None = None
+    next_token_inputs: int = 4
+    attention_images: int = 4
+    retention_scenes: int = 64
+    retention_world_seed: int = 7
+    retention_split: str = "train"
+    threads: int | None = None
+    progress: bool = True
+
+    def training_key(self) -> str:
+        """What decides the fine-tuned weights (a change retrains; anything else reuses them)."""
+        keys = ("n_train", "epochs", "batch_size", "lr", "warmup", "seed", "world_seed")
+        return hashlib.blake2b(json.dumps({k: getattr(self, k) for k in keys}).encode(), digest_size=8).hexdigest()
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fast": {"n_train": 2048, "epochs": 6, "n_test": 100, "retention_scenes": 32},
+    "test": {"n_train": 64, "epochs": 1, "batch_size": 32, "warmup": 1, "n_test": 12, "n_prompts": 4,
+             "next_token_inputs": 2, "attention_images": 1, "retention_scenes": 2},
+}
+
+
+def preset(name: str, **overrides: Any) -> MiniatureConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    known = {f.name for f in fields(MiniatureConfig)}
+    bad = sorted(set(overrides) - known)
+    if bad:
+        raise TypeError(f"unknown settings {bad}")
+    return MiniatureConfig(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+def _demo_config(cfg: MiniatureConfig):
+    from ..demo.pipeline import DemoConfig
+
+    return DemoConfig(out=cfg.work / "demo", n_train=cfg.n_train, n_test=cfg.n_test, world_seed=cfg.world_seed,
+                      batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.lr, warmup=cfg.warmup, seed=cfg.seed,
+                      pretrained=BASE_TAG, baseline=False, progress=cfg.progress,
+                      max_long_len=128 if cfg.n_train >= 1024 else 64)
+
+
+def _fine_tuned_adapter(key: str, variant_key: str, cfg: MiniatureConfig, demo_cfg, train_csv: Path) -> Path:
+    """The fine-tune as an adapter directory with the captioner's base inside (``pretrained=`` loads it whole);
+    trained with ``vladva-train`` unless an adapter with the same training settings is already there."""
+    from .. import save_adapter
+    from ..demo.pipeline import load_variant, train_variant
+    from ..demo.variants import get_variant
+
+    out = cfg.work / "adapters" / key
+    stamp = out / "miniature_training.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("training_key") == cfg.training_key():
+        _logger.info("reusing the %s fine-tune in %s", key, out)
+        return out
+    variant = get_variant(variant_key)
+    ckpt = train_variant(variant, train_csv, demo_cfg, cfg.work / "runs", f"analysis-{key}")
+    model, _, _ = load_variant(variant, demo_cfg, ckpt)
+    save_adapter(model, out, include_base=True)
+    stamp.write_text(json.dumps({"training_key": cfg.training_key(), "variant": variant_key,
+                                 "label": variant.label, "checkpoint": str(ckpt)}, indent=1) + "\n")
+    return out
+
+
+def model_refs(adapters: dict[str, Path]) -> list[ModelRef]:
+    """base (the captioner, handcrafted prompts, no LoRA), then the fine-tunes."""
+    base = ModelRef("base", MODEL_NAME, BASE_TAG, {"use_lora": False, "image_prompt_mode": "handcrafted",
+                                                    "text_prompt_mode": "handcrafted"})
+    return [base, *(ModelRef(k, MODEL_NAME, str(p)) for k, p in adapters.items())]
+
+
+def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
+    """Train (or reuse) the fine-tunes, run the four analyses, write everything under ``cfg.out``."""
+    import open_clip
+
+    from ..demo.pipeline import build_demo_world
+    from .attention import attention_maps
+    from .data import load_analysis_data
+    from .next_token import next_tokens
+    from .prompt_search import PromptSearchConfig, apply_prompt_pair, search_prompts
+    from .prompt_sets import default_prompt_pairs
+    from .retention import RetentionConfig, caption_retention, world_scenes
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def timed(key: str, fn):
+        t = time.perf_counter()
+        result = fn()
+        seconds[key] = round(time.perf_counter() - t, 1)
+        _logger.info("miniature: %s done in %.0f s", key, seconds[key])
+        return result
+
+    demo_cfg = _demo_config(cfg)
+    paths = timed("world", lambda: build_demo_world(demo_cfg))
+    adapters = {k: timed(f"fine_tune_{k}", lambda k=k, v=v: _fine_tuned_adapter(k, v, cfg, demo_cfg,
+                                                                                   paths.train_csv))
+                for k, v in FINETUNES.items()}
+    models = load_models(model_refs(adapters))
+    data = load_analysis_data(paths.retrieval_json, paths.retrieval_json.parent)
+    out = Path(cfg.out)
+
+    pairs = default_prompt_pairs()[: cfg.n_prompts]
+    base_model, base_pre = models["base"]
+    prompts = timed("prompts", lambda: search_prompts(
+        base_model, base_pre, data, pairs, PromptSearchConfig(batch_size=50, progress=cfg.progress),
+        model_id=f"{MODEL_NAME}:{BASE_TAG}"))
+    files = {"prompts": prompts.save(out / "prompts")}
+    applied = apply_prompt_pair(base_model, prompts.recommended, cfg.work / "applied_prompts")
+    check = open_clip.create_model(MODEL_NAME, pretrained=str(applied))
+    applied_ok = (check.cfg.image_prompt.text, check.cfg.text_prompt.text) == (prompts.recommended.image,
+                                                                              prompts.recommended.text)
+
+    n = cfg.next_token_inputs
+    tokens = timed("next_token", lambda: next_tokens(models, data, image_indices=list(range(n)),
+                                                      caption_indices=list(range(0, 2 * n, 2)), k=10))
+    files["next_token"] = tokens.save(out / "next_token")
+    attn = timed("attention", lambda: attention_maps(models, data,
+                                                      image_indices=list(range(cfg.attention_images))))
+    files["attention"] = attn.save(out / "attention")
+    scenes = world_scenes(cfg.retention_scenes, cfg.retention_world_seed, cfg.retention_split)
+    retention = timed("retention", lambda: caption_retention(models, scenes, RetentionConfig(progress=cfg.progress)))
+    files["retention"] = retention.save(out / "retention")
+
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    corr = prompts.correlations
+    headline = {
+        "prompts": {"recommended": asdict(prompts.recommended), "score": prompts.score_name,
+                    "spearman_with_mean_R@1": {k: corr[k]["mean_R@1"] for k in corr},
+                    "best_mean_R@1": max((r.t2i_r1 + r.i2t_r1) / 2 for r in prompts.rows),
+                    "recommended_mean_R@1": (prompts.ranked[0].t2i_r1 + prompts.ranked[0].i2t_r1) / 2,
+                    "median_mean_R@1": sorted((r.t2i_r1 + r.i2t_r1) / 2 for r in prompts.rows)[len(prompts.rows) // 2],
+                    "applied_adapter_loads_with_the_pair": applied_ok},
+        "next_token": tokens.summary,
+        "attention": attn.summary(),
+        "retention": retention.summary,
+    }
+    summary = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()
+                          if k not in ("out", "work", "progress")},
+               "models": {r.label: {"name": r.name, "pretrained": Path(r.pretrained).name if r.pretrained else None,
+                                    "kwargs": r.kwargs} for r in model_refs(adapters)},
+               "fine_tunes": {k: v for k, v in FINETUNES.items()},
+               "headline": headline, "seconds": seconds,
+               "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                               "threads": torch.get_num_threads(), "machine": platform.machine()},
+               "files": {k: {n: str(Path(p).relative_to(out)) for n, p in v.items()} for k, v in files.items()}}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vladva_openclip.analysis.miniature", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=MiniatureConfig.out)
+    p.add_argument("--work", type=Path, default=MiniatureConfig.work)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = preset(args.preset, out=args.out, work=args.work, threads=args.threads, progress=args.progress)
+    print(json.dumps(run_miniature(replace(cfg))["headline"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
