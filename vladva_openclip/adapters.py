@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._fs import make_temp_dir, save_safetensors
 
 _logger = logging.getLogger(__name__)
 
@@ -81,25 +82,24 @@ def save_adapter(model, path: str | os.PathLike, include_base: bool = False) -> 
         include_base: also write the full base weights (meant for tiny models only).
     """
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     if model.merged:
         raise AdapterError("LoRA is merged into the base weights; save the adapter before calling merge_adapters()")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")  # umask's permissions, not mkdtemp's 0700
     try:
         if model.cfg.lora.enabled and getattr(model, "lora_config", None) is not None:
             lora = {k: v.detach().float().contiguous() for k, v in get_peft_model_state_dict(model.lvlm).items()}
-            save_file(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
+            save_safetensors(lora, str(tmp / LORA_FILE), metadata={"format": "pt"})
             cfg = model.lora_config
             cfg.base_model_name_or_path = model.cfg.base_model
             cfg.save_pretrained(str(tmp))
-        save_file({k: v.contiguous() for k, v in _extras(model).items()}, str(tmp / EXTRAS_FILE))
+        save_safetensors({k: v.contiguous() for k, v in _extras(model).items()}, str(tmp / EXTRAS_FILE))
         if include_base:
             base = {k: v.detach().contiguous() for k, v in model.lvlm.state_dict().items() if "lora_" not in k}
             base = {k.replace(".base_layer.", "."): v for k, v in base.items()}
-            save_file(_dedupe_shared(base), str(tmp / BASE_FILE))
+            save_safetensors(_dedupe_shared(base), str(tmp / BASE_FILE))
         (tmp / META_FILE).write_text(json.dumps(adapter_meta(model), indent=2) + "\n")
         _replace_dir(tmp, path)
     except BaseException:
@@ -112,15 +112,13 @@ def save_adapter(model, path: str | os.PathLike, include_base: bool = False) -> 
 def save_base(model, path: str | os.PathLike) -> Path:
     """Write only the base LVLM weights (tiny models) as a pretrained artifact: ``pretrained=path`` then builds the
     model on these weights with fresh adapters, as the configured defaults or ``create_model`` keywords say."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp_dir(path.parent, prefix=f".{path.name}.")  # umask's permissions, not mkdtemp's 0700
     try:
         base = {k: v.detach().float().contiguous() for k, v in model.lvlm.state_dict().items() if "lora_" not in k}
         base = {k.replace(".base_layer.", "."): v for k, v in base.items()}
-        save_file(_dedupe_shared(base), str(tmp / BASE_FILE))
+        save_safetensors(_dedupe_shared(base), str(tmp / BASE_FILE))
         meta = {"format_version": FORMAT_VERSION, "model_name": model.model_name, "base_only": True,
                 "fingerprint": base_fingerprint(model)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

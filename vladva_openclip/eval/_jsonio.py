@@ -1,4 +1,5 @@
-"""Reading annotation files with errors that name the file (and, via the helpers, the entry)."""
+"""Reading annotation files with errors that name the file (and, via the helpers, the entry); writing result
+files atomically."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from typing import Any
 
 from .errors import AnnotationError, EvalDataError
 
-__all__ = ["as_path", "read_json", "read_jsonl", "require_field", "require_str"]
+__all__ = ["as_path", "read_json", "read_jsonl", "require_field", "require_str", "write_text_atomic"]
 
 
 def as_path(p: str | os.PathLike, what: str) -> Path:
@@ -59,3 +60,17 @@ def require_str(entry: Any, field: str, path: Path, where: object) -> str:
 def _short(obj: Any, limit: int = 160) -> str:
     text = json.dumps(obj, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``: a reader (or a run that
+    dies meanwhile) sees the old file or the new one, never half of one. The file gets the umask's permissions."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

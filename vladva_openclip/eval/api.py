@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import time
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,8 @@ import open_clip
 import torch
 
 from .embed import EmbedConfig, Embedder, model_precision
+from .errors import UnreadableImageError, UnreadableImagesError
+from .images import ImageSet, unreadable_images
 from .report import Report
 from .tasks import Task, build_task
 
@@ -32,6 +35,10 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _SCHEMAS = ("hf-hub:", "local-dir:")
+#: unreadable image files each prepared task left out (path -> reason), reported in its results' info
+_SKIPPED_UNREADABLE: weakref.WeakKeyDictionary[Task, dict[str, str]] = weakref.WeakKeyDictionary()
+#: how many of them the info lists by name (the count is always exact)
+LISTED_UNREADABLE = 50
 
 
 class ModelLoadError(RuntimeError):
@@ -99,6 +106,61 @@ def prepare_tasks(tasks: Sequence[Task | Mapping[str, Any]]) -> list[Task]:
     return built
 
 
+def _rerun_without_unreadable(task: Task, embedder: Embedder,
+                              error: UnreadableImageError) -> tuple[Task, dict[str, Any]]:
+    """An image of ``task`` failed to decode while embedding: find every such file of the task (one decoding pass),
+    then either stop with an error naming them or, with ``skip_missing``, read the task again without them and run
+    it. Returns the task actually run and its result."""
+    images = getattr(task.prepare(), "images", None)
+    bad = images.find_unreadable(progress=embedder.config.progress) if isinstance(images, ImageSet) else {}
+    if not bad:  # not an image of this task's set (e.g. one a custom task loads itself)
+        raise error
+    can_skip = hasattr(task.config, "skip_missing")
+    if not (can_skip and task.config.skip_missing):
+        raise UnreadableImagesError(f"{task.name} (images of {len(images)})", bad, len(images), can_skip)
+    _logger.warning("%s: %d unreadable images found while embedding; evaluating without them", task.name, len(bad))
+    bad = {**_SKIPPED_UNREADABLE.get(task, {}), **bad}
+    fresh = type(task)(task.config)
+    with unreadable_images(bad):
+        fresh.prepare()
+    _SKIPPED_UNREADABLE[fresh] = bad
+    return fresh, fresh.run(embedder)
+
+
+def _with_unreadable_info(task: Task, result: dict[str, Any]) -> dict[str, Any]:
+    """Count (and list) the unreadable image files the task left out, if any, in its result's info."""
+    skipped = _SKIPPED_UNREADABLE.get(task, {})
+    if not skipped:
+        return result
+    info = dict(result.get("info", {}))
+    missing = info.get("n_missing_images")
+    if isinstance(missing, int) and missing >= len(skipped):
+        info["n_missing_images"] = missing - len(skipped)  # the loaders count every file they left out
+    info["n_unreadable_images"] = len(skipped)
+    info["unreadable_images"] = dict(list(skipped.items())[:LISTED_UNREADABLE])
+    return {**result, "info": info}
+
+
+def _run_tasks(embedder: Embedder, prepared: list[Task],
+               on_result: Callable[[dict[str, Any]], None] | None = None) -> dict[str, dict[str, Any]]:
+    """Run every task with ``embedder``. A task re-read without its unreadable images replaces the original in
+    ``prepared`` (later models then skip those images up front). ``on_result`` sees each result as it is done."""
+    results = {}
+    for i, task in enumerate(prepared):
+        start = time.perf_counter()
+        try:
+            result = task.run(embedder)
+        except UnreadableImageError as err:
+            task, result = _rerun_without_unreadable(task, embedder, err)
+            prepared[i] = task
+        result = {**_with_unreadable_info(task, result), "seconds": round(time.perf_counter() - start, 3)}
+        results[task.name] = result
+        _logger.info("%s: %s", task.name, result["metrics"])
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
 def _environment() -> dict[str, Any]:
     import vladva_openclip
 
@@ -129,21 +191,25 @@ def evaluate(
     device: moves the model there (None: leave it where it is); precision: "fp32", "amp", "amp_bf16" (autocast;
     casting weights is the caller's business here); cache_dir: embedding cache (None: no cache);
     model_id: names the weights in the cache key (the weights are hashed too).
-    Returns ``{task name: {"task", "name", "metrics": {key: percent}, "info": {...}, "seconds"}}``.
+    Returns ``{task name: {"task", "name", "metrics": {key: percent}, "info": {...}, "seconds"}}``; ``info``
+    counts the image files left out as unreadable (``n_unreadable_images``, with ``skip_missing``).
+    Raises :class:`~.errors.UnreadableImagesError` (naming the files) when an image cannot be decoded and the
+    task does not skip missing images.
     """
     prepared = prepare_tasks(tasks)
+    return _run_tasks(_embedder(model, preprocess, tokenizer, device=device, precision=precision,
+                                batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
+                                model_id=model_id, progress=progress), prepared)
+
+
+def _embedder(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, *, device, precision: str,
+              batch_size: int, num_workers: int, cache_dir, model_id: str | None, progress: bool) -> Embedder:
     if device is not None:
         model.to(device)
     model.eval()
     config = EmbedConfig(batch_size=batch_size, precision=precision, num_workers=num_workers,
                          cache_dir=None if cache_dir is None else str(cache_dir), progress=progress)
-    embedder = Embedder(model, preprocess, tokenizer, config, device=device, model_id=model_id)
-    results = {}
-    for task in prepared:
-        start = time.perf_counter()
-        results[task.name] = {**task.run(embedder), "seconds": round(time.perf_counter() - start, 3)}
-        _logger.info("%s: %s", task.name, results[task.name]["metrics"])
-    return results
+    return Embedder(model, preprocess, tokenizer, config, device=device, model_id=model_id)
 
 
 def evaluate_models(
@@ -157,34 +223,55 @@ def evaluate_models(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     loader: Callable[..., tuple[torch.nn.Module, Callable, Callable]] = load_model,
+    output_dir: str | os.PathLike | None = None,
 ) -> Report:
     """Build each model in turn (``"NAME[:PRETRAINED]"`` or ModelSpec), evaluate it on every task, free it.
 
     precision also sets how the weights are built (fp16/bf16/pure_* cast them, amp/amp_bf16 autocast).
     Returns a :class:`Report` (``.save(dir)`` writes results.json and results.md). A model that cannot be built
     raises :class:`ModelLoadError`, which carries the report of the models done so far.
+    output_dir: if given, the report is saved there (atomically) after every task and when the run stops on an
+    error, so results.json always holds the tasks that finished; ``meta["status"]`` is "running", "complete" or
+    "failed" (then ``meta["error"]`` says why).
     """
     specs = [parse_model_spec(m) if isinstance(m, str) else m for m in models]
     if not specs:
         raise ValueError("no models given")
     prepared = prepare_tasks(tasks)
     report = Report(meta={**_environment(), "device": str(device), "precision": precision,
-                          "batch_size": batch_size},
+                          "batch_size": batch_size, "status": "running"},
                     models=[{"label": s.label, "name": s.name, "pretrained": s.pretrained} for s in specs])
-    for spec in specs:
-        _logger.info("building %s", spec.label)
-        try:
-            model, preprocess, tokenizer = loader(spec, device=device, precision=precision)
-        except Exception as err:  # unknown name, bad tag, unreadable checkpoint: say which model, keep results
-            raise ModelLoadError(f"cannot build model {spec.name!r} (pretrained={spec.pretrained!r}): "
-                                 f"{type(err).__name__}: {err}", report) from err
-        results = evaluate(model, preprocess, tokenizer, prepared, device=device, precision=precision,
-                           batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                           model_id=spec.model_id, progress=progress)
-        for result in results.values():
-            report.add(spec.label, result)
-        del model, preprocess, tokenizer
-        if torch.cuda.is_available():  # hand the weights' memory back before the next model is built
-            gc.collect()
-            torch.cuda.empty_cache()
+
+    def save() -> None:
+        if output_dir is not None:
+            report.save(output_dir)
+
+    try:
+        for spec in specs:
+            _logger.info("building %s", spec.label)
+            try:
+                model, preprocess, tokenizer = loader(spec, device=device, precision=precision)
+            except Exception as err:  # unknown name, bad tag, unreadable checkpoint: say which model, keep results
+                raise ModelLoadError(f"cannot build model {spec.name!r} (pretrained={spec.pretrained!r}): "
+                                     f"{type(err).__name__}: {err}", report) from err
+            embedder = _embedder(model, preprocess, tokenizer, device=device, precision=precision,
+                                 batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
+                                 model_id=spec.model_id, progress=progress)
+
+            def add(result: dict[str, Any], label: str = spec.label) -> None:
+                report.add(label, result)
+                save()
+
+            _run_tasks(embedder, prepared, on_result=add)
+            del model, preprocess, tokenizer, embedder
+            if torch.cuda.is_available():  # hand the weights' memory back before the next model is built
+                gc.collect()
+                torch.cuda.empty_cache()
+    except BaseException as err:  # an interrupt too: what finished is saved before the run stops
+        report.meta.update(status="failed", error=f"{type(err).__name__}: {err}")
+        save()
+        raise
+    report.meta["status"] = "complete"
+    report.meta.pop("error", None)
+    save()
     return report

@@ -16,13 +16,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .._fs import make_temp_file, save_safetensors
 
 __all__ = [
     "FULL_HASH_NUMEL",
@@ -131,12 +132,12 @@ class EmbeddingCache:
     def put(self, model_key: str, kind: str, data_key: str, emb: torch.Tensor, meta: dict[str, str]) -> None:
         path = self._path(model_key, kind, data_key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # write then rename, so a crash or a concurrent run never leaves a half-written file under the final name
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
+        # write then rename, so a crash or a concurrent run never leaves a half-written file under the final name;
+        # the unique temporary name gets the umask's permissions (mkstemp's 0600 would stay on the cache file)
+        tmp = str(make_temp_file(path.parent, prefix=f".{path.stem}.", suffix=".tmp"))
         try:
-            save_file({"embeddings": emb.detach().float().contiguous().cpu()}, tmp,
-                      metadata={k: str(v) for k, v in meta.items()})
+            save_safetensors({"embeddings": emb.detach().float().contiguous().cpu()}, tmp,
+                             metadata={k: str(v) for k, v in meta.items()})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

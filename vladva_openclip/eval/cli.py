@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -101,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes")
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="embedding cache (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
-    p.add_argument("--skip-missing", action="store_true", help="evaluate without missing images instead of stopping")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="evaluate without missing or unreadable (corrupt) images instead of stopping; results.json "
+                        "counts them per task (n_missing_images, n_unreadable_images)")
     p.add_argument("--output-dir", default="vladva_eval_results", help="results.json and results.md go here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="warnings only; do not print the table")
@@ -137,14 +140,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EvalDataError, TypeError, ValueError) as err:
         print(f"vladva-eval: error: {err}", file=sys.stderr)
         return 2
-    try:
+    try:  # results.json is rewritten after every task, so whatever stops the run, the finished tasks are kept
         report = evaluate_models(args.model, prepared, device=args.device, precision=args.precision,
                                  batch_size=args.batch_size, num_workers=args.workers,
-                                 cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress)
-    except ModelLoadError as err:
-        if err.report.records:
-            json_path, _ = err.report.save(args.output_dir)
-            print(f"vladva-eval: results of the models before it: {json_path}", file=sys.stderr)
+                                 cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress,
+                                 output_dir=args.output_dir)
+    except (ModelLoadError, EvalDataError) as err:
+        results = Path(args.output_dir) / "results.json"
+        if results.is_file():  # written by evaluate_models as the run stopped
+            print(f"vladva-eval: results of the tasks that finished: {results}", file=sys.stderr)
         print(f"vladva-eval: error: {err}", file=sys.stderr)
         return 2
     json_path, md_path = report.save(args.output_dir)

@@ -1,20 +1,43 @@
-"""Image collections for evaluation: files on disk or in-memory PIL images, each with a stable fingerprint."""
+"""Image collections for evaluation: files on disk or in-memory PIL images, each with a stable fingerprint.
+
+Reading a task's data checks only that its image files exist (:func:`check_missing`; cheap, and a run served
+from the embedding cache never opens an image). A file that exists but cannot be decoded (not an image, truncated)
+is found when it is embedded: :class:`~.errors.UnreadableImageError` names it, and the caller (:mod:`.api`) either
+stops with a one-line error or, with ``skip_missing``, re-reads the task inside :func:`unreadable_images`, which
+makes :func:`check_missing` leave those files out as it does missing ones.
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-from .errors import MissingImagesError
+from .errors import MissingImagesError, UnreadableImageError, UnreadableImagesError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageSet", "check_missing", "find_missing", "resolve_stem"]
+__all__ = ["IMAGE_ERRORS", "IMAGE_EXTENSIONS", "ImageSet", "check_missing", "find_missing", "resolve_stem",
+           "unreadable_images"]
 
 #: file name endings accepted as images (torchvision's ImageFolder list)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+#: what a broken image file can raise while PIL opens and decodes it
+IMAGE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+# unreadable files known in the current context: path -> reason (see unreadable_images)
+_UNREADABLE: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("vladva_eval_unreadable",
+                                                                                   default=None)
+
+
+def describe_image_error(err: BaseException) -> str:
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image file PIL can read"
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 @dataclass(frozen=True)
@@ -35,6 +58,20 @@ class ImageSet:
 
     def load(self, index: int) -> Image.Image:
         return self.loader(index)
+
+    def find_unreadable(self, progress: bool = False) -> dict[str, str]:
+        """Decode every image file of the set: ``{path: reason}`` of those that fail (empty for in-memory sets).
+        Costs one full decoding pass; used only after an image failed, to find all bad files at once."""
+        if not isinstance(self.loader, _FileLoader):
+            return {}
+        bad = {}
+        for key in tqdm(self.keys, desc="checking images", disable=not progress, leave=False):
+            try:
+                with Image.open(key) as im:
+                    im.load()
+            except IMAGE_ERRORS as err:
+                bad[key] = describe_image_error(err)
+        return bad
 
     @classmethod
     def from_paths(cls, paths: Sequence[str | os.PathLike]) -> ImageSet:
@@ -70,8 +107,9 @@ class _FileLoader:
         try:
             with Image.open(self.paths[i]) as im:
                 return im.convert("RGB")
-        except OSError as err:  # truncated or not an image: say which file
-            raise OSError(f"cannot read image {self.paths[i]}: {err}") from err
+        except IMAGE_ERRORS as err:  # truncated or not an image: say which file
+            raise UnreadableImageError(f"cannot read image {self.paths[i]}: {describe_image_error(err)}",
+                                       self.paths[i]) from err
 
 
 class _PILLoader:
@@ -95,12 +133,31 @@ def find_missing(paths: Iterable[str | os.PathLike]) -> list[str]:
     return missing
 
 
+@contextlib.contextmanager
+def unreadable_images(known: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, :func:`check_missing` treats the files in ``known`` (path -> reason) as unreadable."""
+    token = _UNREADABLE.set(dict(known))
+    try:
+        yield
+    finally:
+        _UNREADABLE.reset(token)
+
+
 def check_missing(paths: Sequence[str | os.PathLike], what: str, skip_missing: bool) -> set[str]:
-    """Return the set of missing paths; raise :class:`MissingImagesError` if any are missing and not skipped."""
+    """The set of paths to leave out: missing files, and files the current :func:`unreadable_images` context
+    names. Raises :class:`MissingImagesError` / :class:`UnreadableImagesError` if there are any and
+    ``skip_missing`` is off."""
     missing = find_missing(paths)
-    if missing and not skip_missing:
-        raise MissingImagesError(what, missing, len(set(map(str, paths))))
-    return set(missing)
+    absent = set(missing)
+    known = _UNREADABLE.get() or {}
+    unreadable = {p: known[p] for p in dict.fromkeys(map(str, paths)) if p in known and p not in absent}
+    total = len(set(map(str, paths)))
+    if not skip_missing:
+        if missing:
+            raise MissingImagesError(what, missing, total, unreadable)
+        if unreadable:
+            raise UnreadableImagesError(what, unreadable, total)
+    return absent | set(unreadable)
 
 
 def resolve_stem(folder: Path, stem: str) -> Path:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._jsonio import write_text_atomic
 from .tasks import TASKS
 
 __all__ = ["Report"]
@@ -66,10 +67,11 @@ class Report:
         return "\n\n".join(parts) + "\n"
 
     def save(self, output_dir: str | os.PathLike, stem: str = "results") -> tuple[Path, Path]:
-        """Write ``<stem>.json`` and ``<stem>.md``; returns both paths."""
+        """Write ``<stem>.json`` and ``<stem>.md`` (each atomically: saving after every task never leaves a torn
+        file); returns both paths."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
         json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-        json_path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n", encoding="utf-8")
-        md_path.write_text(self.to_markdown(), encoding="utf-8")
+        write_text_atomic(json_path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        write_text_atomic(md_path, self.to_markdown() if self.records else "No task finished.\n")
         return json_path, md_path
