@@ -276,3 +276,31 @@ def test_empty_short_caption_warns_once_and_is_counted(caplog):
     warnings = [r for r in caplog.records if "empty short caption" in r.getMessage()]
     assert len(warnings) == 1
     assert packer.empty_short.value == 3
+
+
+def test_webdataset_caption_that_is_not_utf8_is_skipped_and_counted(caplog):
+    import io
+    import logging
+
+    from PIL import Image
+
+    from vladva_openclip.train._common import CaptionPacker, SkipCounter
+    from vladva_openclip.train._wds import WdsSampleProcessor
+
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, texts, context_length):
+            return torch.ones(len(texts), context_length, dtype=torch.long)
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    skips = SkipCounter()
+    process = WdsSampleProcessor(lambda im: torch.zeros(3, 2, 2), CaptionPacker(Tok(), 4, 8), skips)
+    good = {"__url__": "shard-0.tar", "__key__": "a", "png": png.getvalue(), "txt": b"a cat"}
+    assert process(good) is not None
+    with caplog.at_level(logging.WARNING):
+        assert process({**good, "__key__": "b", "txt": "caf\xe9".encode("latin-1")}) is None
+        assert process({**good, "__key__": "c", "long.txt": b"\xff\xfe"}) is None
+    assert skips.value == 2
+    assert "shard-0.tar:b" in caplog.text and "not UTF-8" in caplog.text and "shard-0.tar:c" in caplog.text

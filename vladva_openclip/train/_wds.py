@@ -56,7 +56,13 @@ class WdsSampleProcessor:
         if img_key is None:
             self.skips.record(where, f"no image (looked for {'/'.join(self.image_keys)})")
             return None
-        short = clean_caption(sample.get(self.short_key))
+        try:
+            short = clean_caption(sample.get(self.short_key))
+            long = clean_caption(sample.get(self.long_key))
+        except UnicodeDecodeError as err:  # webdataset text members are UTF-8; say which sample is not
+            self.skips.record(where, f"caption is not UTF-8 text ({err.reason} at byte {err.start}); re-encode "
+                                     "the shard's text files as UTF-8")
+            return None
         if short is None:
             self.skips.record(where, f"no short caption {self.short_key!r}")
             return None
@@ -67,7 +73,7 @@ class WdsSampleProcessor:
             return None
         pixels = seeded_transform(self.transform, image,
                                   sample_seed(self.seed, epoch, sample.get("__url__"), sample.get("__key__")))
-        return pixels, self.packer(short, clean_caption(sample.get(self.long_key)))
+        return pixels, self.packer(short, long)
 
 
 def _shuffled(items: Iterator, rng: random.Random, bufsize: int, initial: int) -> Iterator:
