@@ -110,9 +110,12 @@ def plot_next_tokens(result: NextTokenResult, path: str | os.PathLike, max_input
             ax = axes[i][j]
             top = result.top[label][item.key]
             toks = [repr(t.token)[1:-1] for t in top][::-1]
-            ax.barh(range(len(top)), [t.prob for t in top][::-1], color=f"C{j}")
+            probs = [t.prob for t in top][::-1]
+            ax.barh(range(len(top)), probs, color=f"C{j}")
             ax.set_yticks(range(len(top)), toks, fontsize=6)
-            ax.set_xlim(0, 1)
+            ax.set_xlim(0, max(0.05, max(probs)) * 1.25)  # a flat distribution still shows its bars
+            for y, v in enumerate(probs):
+                ax.text(v, y, f" {v:.2f}", va="center", fontsize=5)
             ax.tick_params(axis="x", labelsize=6)
             h = result.entropy[label][item.key]
             ax.set_title(f"{label}: H={h:.2f}", fontsize=7)
