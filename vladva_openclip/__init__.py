@@ -12,7 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .adapters import AdapterError, load_adapter, save_adapter, save_base
-from .backbones import WeightsNotFoundError
+from .backbones import BaseModelError, WeightsNotFoundError
 from .config import LoraSettings, PromptConfig, TemplateConfig, VladVAConfig
 from .factory import count_parameters, create_vladva
 from .integration import install, is_installed, uninstall
@@ -23,7 +23,7 @@ from .tokenizer import VladVATokenizer
 install()
 
 __all__ = [
-    "AdapterError", "LoraSettings", "PromptConfig", "TemplateConfig", "VladVA", "VladVAConfig", "VladVATokenizer",
+    "AdapterError", "BaseModelError", "LoraSettings", "PromptConfig", "TemplateConfig", "VladVA", "VladVAConfig", "VladVATokenizer",
     "WeightsNotFoundError", "count_parameters", "create_vladva", "install", "is_installed", "list_vladva_models",
     "load_adapter", "model_entrypoints", "register_pretrained", "save_adapter", "save_base", "uninstall",
 ]

@@ -1,0 +1,178 @@
+"""Base checkpoints in the real hub layouts, side by side with transformers' own processor and model.
+
+The checkpoints (tests/_helpers_layouts.py) are tiny in width and depth but otherwise what llava-hf and Qwen
+publish: legacy key names, sharded safetensors plus index, the real tokenizers, the real preprocessor configs and
+the real vision geometry. The reference is ``LlavaForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration``
+run on ``AutoProcessor(images=pil, text=full)``: its last-token, final-layer hidden state must equal
+``encode_image(preprocess(pil))``, and ``encode_text`` must equal the same model on the plain tokenizer's ids.
+
+Tolerances:
+- with the processor's PIL backend the pixels are bit-identical to open_clip's preprocess (both resize with PIL
+  bicubic, then crop, rescale and normalise in float32), so the embeddings agree to float32 round-off;
+- transformers 5's default backend (torchvision) resizes uint8 tensors itself and rounds differently: up to
+  2 levels of 8 bits on about 0.3-0.5% of the pixels (measured), which moves the embedding by ~1e-4 relative on these
+  random models; the test allows 1e-3.
+"""
+import json
+
+import pytest
+import torch
+from _helpers_layouts import (
+    llava_config_json,
+    needs_real_tokenizers,
+    photo_like,
+    write_hub_checkpoint,
+    write_llava_dir,
+    write_qwen2vl_dir,
+)
+
+pytestmark = needs_real_tokenizers
+
+IMAGE_BODY = {"llava": "<image>", "qwen2vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+NAMES = {"llava": "vladva-llava7b", "qwen2vl": "vladva-qwen2vl2b"}
+CAPTIONS = ["a red circle", "Two dogs play in the snow.", " leading and  double spaces ", "ends with newline\n",
+            "naïve café, 東京", "looks like <image> or <pad> or <|im_end|>", ""]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub_layouts")
+    return {"llava": write_llava_dir(root / "llava-1.5-tiny"), "qwen2vl": write_qwen2vl_dir(root / "qwen2-vl-tiny")}
+
+
+@pytest.fixture(scope="module")
+def built(dirs):
+    """family -> (VladVA model, preprocess_val, transformers reference model, AutoProcessor of the directory)."""
+    import open_clip
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import vladva_openclip  # noqa: F401
+
+    out = {}
+    for family, path in dirs.items():
+        model, _, preprocess = open_clip.create_model_and_transforms(NAMES[family], base_model=str(path))
+        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        out[family] = (model.eval(), preprocess, hf, AutoProcessor.from_pretrained(path))
+    return out
+
+
+def _full(model, tower: str, body: str) -> str:
+    template = model.cfg.template.image if tower == "image" else model.cfg.template.text
+    prompt = model.cfg.image_prompt.text if tower == "image" else model.cfg.text_prompt.text
+    return template.replace("{body}", body).replace("{prompt}", prompt)
+
+
+def _ref_last_token(hf, **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return hf.model(**inputs).last_hidden_state[:, -1].float()
+
+
+def test_legacy_llava_keys_and_sharded_index_load_exactly(dirs, built):
+    """Every tensor of the llava-hf-style shards lands, unchanged, where transformers 5 puts it (legacy names
+    renamed), and the directory's config.json (not the registered 7B one) is the architecture."""
+    from _helpers_layouts import legacy_key
+    from safetensors.torch import load_file
+
+    model = built["llava"][0]
+    path = dirs["llava"]
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    files = {}
+    for shard in sorted(set(index.values())):
+        files.update(load_file(str(path / shard)))
+    ours = {k.replace(".base_layer.", "."): v for k, v in model.lvlm.state_dict().items() if "lora_" not in k}
+    assert len(files) == len(ours)
+    for key, value in ours.items():
+        assert torch.equal(files[legacy_key(key, "llava")].float(), value), key
+    text = model.lvlm.config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers, text.vocab_size) == (64, 2, 32064)
+    assert model.cfg.hf_config["text_config"]["hidden_size"] == 64 and model.cfg.image_size == 336
+    assert model.image_body_ids.tolist().count(32000) == 576  # 336 px / patch 14, CLS dropped ("default")
+    assert model.lvlm.config.vision_feature_layer == -2
+
+
+def test_qwen2vl_layout_with_tied_embeddings(built):
+    """The published Qwen2-VL-2B files hold no lm_head (tied): it must be the input embedding, not random."""
+    model, _, hf, _ = built["qwen2vl"]
+    lvlm = model.lvlm
+    assert lvlm.lm_head.weight.data_ptr() == lvlm.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(lvlm.get_input_embeddings().weight, hf.get_input_embeddings().weight)
+    assert lvlm.config.get_text_config().vocab_size == 151936 and lvlm.config.image_token_id == 151655
+
+
+@pytest.mark.parametrize("backend, tol", [("pil", 1e-5), ("torchvision", 1e-3)])
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_image_embedding_equals_transformers_on_processor_output(dirs, built, family, backend, tol):
+    import copy
+
+    from transformers import AutoImageProcessor
+
+    model, preprocess, hf, processor = built[family]
+    processor = copy.copy(processor)  # the directory's processor with the image processor of the backend
+    processor.image_processor = AutoImageProcessor.from_pretrained(dirs[family], backend=backend)
+    side = model.cfg.image_size
+    # Qwen2-VL's processor keeps the image's own size (smart_resize): a side-by-side comparison needs an image the
+    # processor does not resize, i.e. the model's square input size. LLaVA crops, so any aspect ratio compares.
+    images = [photo_like(side, side, seed=1)] if family == "qwen2vl" else [photo_like(500, 400, 2),
+                                                                           photo_like(333, 600, 3)]
+    for pil in images:
+        inputs = processor(images=pil, text=_full(model, "image", IMAGE_BODY[family]), return_tensors="pt")
+        ref = _ref_last_token(hf, **inputs)
+        with torch.no_grad():
+            ours = model.encode_image(preprocess(pil).unsqueeze(0))
+        rel = ((ours - ref).norm() / ref.norm()).item()
+        assert rel <= tol, f"{family}/{backend} {pil.size}: relative difference {rel:.2e} > {tol:g}"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_text_embedding_equals_transformers_on_plain_tokenizer(built, family):
+    model, _, hf, processor = built[family]
+    plain = processor.tokenizer  # AutoTokenizer of the directory, as the processor loaded it
+    tokenizer = model.tokenizer  # the caption tokenizer create_model built from the directory
+    for caption in CAPTIONS:
+        ids = plain(_full(model, "text", caption), add_special_tokens=model.cfg.template.add_bos,
+                    return_tensors="pt").input_ids
+        ref = _ref_last_token(hf, input_ids=ids)
+        with torch.no_grad():
+            ours = model.encode_text(tokenizer([caption]))
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5, msg=lambda m, c=caption: f"{c!r}: {m}")
+
+
+def test_directory_config_is_the_architecture_on_meta_and_random(dirs, built):
+    """Without loading weights too (meta device, load_weights=False), the directory's config.json decides."""
+    import open_clip
+
+    import vladva_openclip
+
+    real = built["llava"][0]
+    meta = open_clip.create_model("vladva-llava7b", base_model=str(dirs["llava"]), device="meta")
+    assert vladva_openclip.count_parameters(meta) == vladva_openclip.count_parameters(real)
+    rand = open_clip.create_model("vladva-llava7b", base_model=str(dirs["llava"]), load_weights=False)
+    assert rand.embed_dim == 64 and rand.cfg.hf_config == real.cfg.hf_config
+    assert not torch.equal(rand.embedding.weight, real.embedding.weight)
+
+
+def test_other_sizes_in_the_directory(tmp_path):
+    """A base of yet another size than the registered one and the fixture's (wider, deeper, 3 shards)."""
+    import open_clip
+    from _helpers_layouts import unpack_tokenizer
+
+    path = write_hub_checkpoint(llava_config_json(hidden=96, layers=3, vision_layers=2), tmp_path / "b",
+                                torch.float16, shards=3)
+    unpack_tokenizer("llava-1.5", path)
+    model = open_clip.create_model("vladva-llava7b", base_model=str(path))
+    assert model.embed_dim == 96 and len(model.language_model.layers) == 3
+    assert model.encode_image(torch.zeros(1, 3, 336, 336)).shape == (1, 96)
+
+
+@pytest.mark.parametrize("name, family, other", [("vladva-llava7b", "qwen2vl", "vladva-qwen2vl2b"),
+                                                 ("vladva-qwen2vl2b", "llava", "vladva-llava7b")])
+def test_checkpoint_of_another_family_is_one_clear_error(dirs, name, family, other):
+    import open_clip
+
+    from vladva_openclip import BaseModelError
+
+    for kwargs in ({}, {"device": "meta"}, {"load_weights": False}):
+        with pytest.raises(BaseModelError) as info:
+            open_clip.create_model(name, base_model=str(dirs[family]), **kwargs)
+        msg = str(info.value)
+        assert str(dirs[family]) in msg and other in msg and name in msg, msg
