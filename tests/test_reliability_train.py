@@ -304,3 +304,20 @@ def test_webdataset_caption_that_is_not_utf8_is_skipped_and_counted(caplog):
         assert process({**good, "__key__": "c", "long.txt": b"\xff\xfe"}) is None
     assert skips.value == 2
     assert "shard-0.tar:b" in caplog.text and "not UTF-8" in caplog.text and "shard-0.tar:c" in caplog.text
+
+
+def test_caption_packer_still_pickles():
+    """Workers share the empty-caption count; a plain pickled copy (not a worker) counts on its own."""
+    import pickle
+
+    import open_clip
+
+    from vladva_openclip.train._common import CaptionPacker
+
+    packer = CaptionPacker(open_clip.get_tokenizer("vladva-tiny-llava"), 8, 16)
+    packer("", "a long caption")
+    copy = pickle.loads(pickle.dumps(packer))
+    assert copy.empty_short.value == 1
+    torch.testing.assert_close(copy("a red circle", None), packer("a red circle", None))
+    copy(None, None)
+    assert (copy.empty_short.value, packer.empty_short.value) == (2, 1)

@@ -135,6 +135,18 @@ class CaptionPacker:
         long_ids = self.tokenizer([long], context_length=self.max_long_len)[0] if long else None
         return pack_captions(short_ids, long_ids, self.max_long_len, self.pad_id)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if multiprocessing.context.get_spawning_popen() is None:
+            # plain pickling (a copy, not a DataLoader worker being started): the copy counts on its own
+            state["empty_short"] = int(self.empty_short.value)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state.get("empty_short"), int):
+            state["empty_short"] = multiprocessing.Value("q", state["empty_short"])
+        self.__dict__.update(state)
+
     def _count_empty(self) -> None:
         with self.empty_short.get_lock():
             self.empty_short.value += 1
