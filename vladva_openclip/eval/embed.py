@@ -35,8 +35,9 @@ _logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Precision:
     """autocast: dtype for torch.autocast (None: off); build: the ``precision`` given to open_clip's
-    create_model (which casts weights for fp16/bf16/pure_*); images: dtype images are cast to (as open_clip_train's
-    ``get_input_dtype``), None to leave them fp32."""
+    create_model (which casts weights for fp16/bf16/pure_*; the amp names are passed as open_clip_train passes them:
+    CLIP keeps fp32 weights, a VladVA base is loaded in bf16 for amp_bf16); images: dtype images are cast to (as
+    open_clip_train's ``get_input_dtype``), None to leave them fp32."""
 
     autocast: torch.dtype | None
     build: str
@@ -45,8 +46,8 @@ class Precision:
 
 PRECISIONS: dict[str, Precision] = {
     "fp32": Precision(None, "fp32", None),
-    "amp": Precision(torch.float16, "fp32", None),
-    "amp_bf16": Precision(torch.bfloat16, "fp32", None),
+    "amp": Precision(torch.float16, "amp", None),
+    "amp_bf16": Precision(torch.bfloat16, "amp_bf16", None),
     "fp16": Precision(None, "fp16", torch.float16),
     "bf16": Precision(None, "bf16", torch.bfloat16),
     "pure_fp16": Precision(None, "pure_fp16", torch.float16),
