@@ -89,7 +89,7 @@ def _ways_to_provide(source: str) -> str:
 
 def missing_message(what: str, source: str, cause: BaseException | None = None) -> str:
     """The text of a hub source that cannot be loaded: why (the hub's own reason) and how to provide it."""
-    reason = f" Cause: {root_cause(cause)}." if cause is not None else ""
+    reason = f" Cause: {root_cause(cause).rstrip('.')}." if cause is not None else ""
     if cause is None or is_cache_miss(cause):
         state = "offline (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE set)" if hub_offline() else "unreachable"
         head = f"{what} {source!r} are not in the local Hugging Face cache and the hub is {state}."
