@@ -33,6 +33,7 @@ from .checkpoints import (
     find_resume_checkpoint,
     health_record,
     mark_unusable,
+    unusable_reason,
 )
 
 _logger = logging.getLogger(__name__)
@@ -101,9 +102,11 @@ class _TorchWithAtomicSave(types.ModuleType):
         self._state.checkpoint_written(path)
 
 
-def check_learning_rate(lr: float, lr_scales: list[float], weight_decay: float) -> None:
+def check_learning_rate(lr: float | None, lr_scales: list[float], weight_decay: float) -> None:
     """Reject a learning rate the optimizer cannot apply: AdamW multiplies float32 weights by ``lr * scale`` (and
     ``1 - lr * scale * weight_decay``), which overflows past float32's largest value before any loss is seen."""
+    if lr is None:  # open_clip_train fills in its default
+        return
     if not math.isfinite(lr) or lr < 0:
         raise TrainInputError(f"--lr {lr:g} is not a usable learning rate: it must be a finite number >= 0")
     biggest = float(torch.finfo(torch.float32).max)
@@ -287,6 +290,9 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
                 f"cannot read checkpoint {path} ({type(err).__name__}: {str(err).splitlines()[0]}): it is "
                 "truncated or not a training checkpoint. Pass an earlier checkpoint to --resume, or use --resume "
                 "latest, which passes over unreadable ones") from err
+        reason = unusable_reason(path) if os.path.isfile(path) else None
+        if reason:  # named explicitly with --resume: the user's choice, but say what the run found
+            _logger.warning("resuming from %s although it is marked unusable: %s", path, reason)
         if isinstance(ckpt, dict):
             state.resume_batches = int(ckpt.get("batches_done", 0))
             state.checkpoint_written(path)  # a streak right after resuming condemns these weights too
