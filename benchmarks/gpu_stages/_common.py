@@ -119,3 +119,8 @@ def median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def sig(value: float, digits: int = 4) -> float:
+    """``value`` to ``digits`` significant digits (toy-size figures must not round to 0)."""
+    return float(f"{value:.{digits}g}")

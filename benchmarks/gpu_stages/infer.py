@@ -59,8 +59,8 @@ def measure_vladva(spec: M.ModelSpec, sizes: dict[str, Any], device: str) -> dic
     dims = M.llm_dims(model)
     vision = M.vision_forward_flops(model, device) * sizes["images"]
     row.update(image_ms=round(image_ms, 3), text_ms=round(text_ms, 3),
-               images_per_s=round(sizes["images"] / (image_ms / 1e3), 1),
-               texts_per_s=round(sizes["texts"] / (text_ms / 1e3), 1),
+               images_per_s=C.sig(sizes["images"] / (image_ms / 1e3)),
+               texts_per_s=C.sig(sizes["texts"] / (text_ms / 1e3)),
                image_tokens=image_calls[0][1] if image_calls else None,
                text_tokens=text_calls[0][1] if text_calls else None, dims=dims, image_calls=image_calls,
                text_calls=text_calls, vision_flops=vision,
@@ -73,15 +73,16 @@ def extrapolate(rows: list[dict[str, Any]], full_layers: int) -> dict[str, Any] 
     measured = {r["layers"]: r for r in rows if "image_ms" in r}
     if len(measured) < 2:
         return None
-    image_ms = M.linear_fit({k: r["image_ms"] for k, r in measured.items()}, full_layers)
-    text_ms = M.linear_fit({k: r["text_ms"] for k, r in measured.items()}, full_layers)
+    images = {k: r["image_ms"] for k, r in measured.items()}
+    texts = {k: r["text_ms"] for k, r in measured.items()}
+    if not (M.increasing(images) and M.increasing(texts)):
+        return None  # timing noise made the deeper model look faster: no honest line through the points
+    image_ms, text_ms = M.linear_fit(images, full_layers), M.linear_fit(texts, full_layers)
     deepest = measured[max(measured)]
-    if not image_ms or not text_ms or image_ms <= 0 or text_ms <= 0:
-        return None
     return {"label": deepest["label"], "layers": full_layers, "extrapolated": True,
             "method": f"linear fit of time over {sorted(measured)} layers", "image_ms": round(image_ms, 3),
-            "text_ms": round(text_ms, 3), "images_per_s": round(deepest["image_batch"] / (image_ms / 1e3), 1),
-            "texts_per_s": round(deepest["text_batch"] / (text_ms / 1e3), 1)}
+            "text_ms": round(text_ms, 3), "images_per_s": C.sig(deepest["image_batch"] / (image_ms / 1e3)),
+            "texts_per_s": C.sig(deepest["text_batch"] / (text_ms / 1e3))}
 
 
 def measure_clip(name: str, sizes: dict[str, Any], device: str) -> dict[str, Any]:
@@ -107,8 +108,8 @@ def measure_clip(name: str, sizes: dict[str, Any], device: str) -> dict[str, Any
     row = {"label": f"open_clip {name} (random init{toy})", "image_batch": sizes["images"], "text_batch": sizes["texts"],
            "image_size": image_size, "text_tokens": context, "build_seconds": round(time.time() - start, 1),
            "image_ms": round(image_ms, 3), "text_ms": round(text_ms, 3),
-           "images_per_s": round(sizes["images"] / (image_ms / 1e3), 1),
-           "texts_per_s": round(sizes["texts"] / (text_ms / 1e3), 1)}
+           "images_per_s": C.sig(sizes["images"] / (image_ms / 1e3)),
+           "texts_per_s": C.sig(sizes["texts"] / (text_ms / 1e3))}
     return row
 
 

@@ -122,7 +122,7 @@ def run_loss(res: C.StageResult, device: str, cases: list[tuple[int, int, str]],
             if "error" in out:
                 row["status"] = out["error"]
             else:
-                row.update(status="ok", ms=round(out["ms"], 4), peak_mib=round(out["peak_tensor"] / 2 ** 20, 1))
+                row.update(status="ok", ms=C.sig(out["ms"]), peak_mib=C.sig(out["peak_tensor"] / 2 ** 20))
             _logger.info("loss %s", row)
             res.append("loss", row)
 
@@ -143,7 +143,7 @@ def run_pooling(res: C.StageResult, device: str, dry_run: bool, measured: dict, 
             row = {"b": b, "t": t, "d": d, "dtype": str(dtype).split(".")[-1], "impl": impl}
             try:
                 out = BP.measure((b, t, d), dtype, device, impl)
-                row.update(status="ok", ms=round(out["ms"], 5), gbps=round(out["gbps"], 1))
+                row.update(status="ok", ms=C.sig(out["ms"]), gbps=C.sig(out["gbps"]))
                 if hbm:
                     row["pct_hbm_peak"] = round(100 * out["gbps"] / hbm, 1)
                 if copy:

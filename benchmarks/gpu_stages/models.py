@@ -224,3 +224,11 @@ def linear_fit(points: dict[int, float], target: int) -> float | None:
     (l1, y1), (l2, y2) = sorted(points.items())[-2:]
     slope = (y2 - y1) / (l2 - l1)
     return y2 + slope * (target - l2)
+
+
+def increasing(points: dict[int, float]) -> bool:
+    """Whether the two deepest measured depths take more time the deeper they are (a usable fit)."""
+    if len(points) < 2:
+        return False
+    (_, y1), (_, y2) = sorted(points.items())[-2:]
+    return y2 > y1

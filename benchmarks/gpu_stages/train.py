@@ -97,7 +97,7 @@ def measure_model(spec: M.ModelSpec, shape: M.StepShape, device: str, repeats: i
     samples = C.wall_ms(step, device, repeats=repeats, warmup=0)
     ms = C.median(samples)
     row.update(step_ms=round(ms, 2), step_samples_ms=[round(s, 2) for s in samples],
-               samples_per_s=round(shape.batch / (ms / 1e3), 3))
+               samples_per_s=C.sig(shape.batch / (ms / 1e3)))
     if device == "cuda":
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
     flops = M.step_flops(dims, calls, row["layers"], shape.batch, labelled, vision)
@@ -138,17 +138,18 @@ def extrapolate(rows: list[dict[str, Any]], label: str, full_layers: int,
         return None  # measured at full depth: nothing to extrapolate
     flops_full = M.step_flops(deepest["dims"], deepest["llm_calls"], full_layers, deepest["batch"],
                               deepest["labelled_tokens"], deepest["flops"]["vision"] / deepest["batch"])
-    ms = M.linear_fit({k: r["step_ms"] for k, r in measured.items()}, full_layers)
-    if ms is not None and ms > 0:
+    times = {k: r["step_ms"] for k, r in measured.items()}
+    ms = M.linear_fit(times, full_layers)
+    if ms is not None and M.increasing(times):
         method = f"linear fit of step time over {sorted(measured)} layers"
-    else:
+    else:  # one depth only, or timing noise made the deeper model look faster
         ms = deepest["step_ms"] * flops_full["model"] / deepest["flops"]["model"]
         method = f"FLOP-proportional from {deepest['layers']} layers (same MFU)"
     peak = None
     if all("peak_gib" in r for r in measured.values()):
         peak = M.linear_fit({k: r["peak_gib"] for k, r in measured.items()}, full_layers)
     out = {"label": label, "layers": full_layers, "extrapolated": True, "method": method,
-           "batch": deepest["batch"], "step_ms": round(ms, 1), "samples_per_s": round(deepest["batch"] / (ms / 1e3), 3),
+           "batch": deepest["batch"], "step_ms": round(ms, 1), "samples_per_s": C.sig(deepest["batch"] / (ms / 1e3)),
            "peak_gib": round(peak, 1) if peak is not None else None, "flops": flops_full}
     out.update(utilisation(flops_full["model"], ms / 1e3, peaks))
     return out
