@@ -171,3 +171,46 @@ def photo_like(width: int, height: int, seed: int = 0):
     b = 255 * ((x // max(width // 8, 1) + y // max(height // 8, 1)) % 2)
     img = np.stack([r, g, b], axis=-1) + rng.normal(0, 12, (height, width, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def sample_photos() -> list:
+    """Real photographs in four aspect ratios (3:2, 2:3, 2:1, 0.59:1): scikit-learn's two sample images (640x427),
+    rotated and cropped."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    out = []
+    for array in load_sample_images().images:
+        photo = Image.fromarray(array)
+        out += [photo, photo.transpose(Image.Transpose.ROTATE_90), photo.crop((0, 53, 640, 373)),
+                photo.crop((150, 0, 400, 427))]
+    return out
+
+
+def resize_mode_agreement(model, hf, processor, images, modes=("shortest", "longest", "squash")) -> dict:
+    """How close each open_clip resize mode brings ``encode_image`` to transformers' model on the processor's own
+    output (Qwen2-VL: the whole image at its aspect ratio, smart_resize): mode -> per-image cosine similarity of
+    the final-layer last-token states, plus ``"other_image"``: the mean cosine between the processor's embeddings
+    of different images (the scale of a real change of content)."""
+    import torch.nn.functional as F
+    from open_clip import image_transform
+
+    body = "<|vision_start|><|image_pad|><|vision_end|>"
+    full = model.cfg.template.image.replace("{body}", body).replace("{prompt}", model.cfg.image_prompt.text)
+    refs = []
+    for image in images:
+        inputs = processor(images=image, text=full, return_tensors="pt")
+        with torch.no_grad():
+            refs.append(hf.model(**inputs).last_hidden_state[0, -1].float())
+    refs = torch.stack(refs)
+    out = {}
+    for mode in modes:
+        transform = image_transform(model.cfg.image_size, is_train=False, mean=model.cfg.image_mean,
+                                    std=model.cfg.image_std, interpolation="bicubic", resize_mode=mode)
+        with torch.no_grad():
+            ours = model.encode_image(torch.stack([transform(im) for im in images]))
+        out[mode] = F.cosine_similarity(ours, refs, dim=-1).tolist()
+    pairs = F.cosine_similarity(refs[:, None], refs[None], dim=-1)
+    n = len(images)
+    out["other_image"] = float((pairs.sum() - pairs.diagonal().sum()) / (n * (n - 1)))
+    return out

@@ -176,3 +176,18 @@ def test_checkpoint_of_another_family_is_one_clear_error(dirs, name, family, oth
             open_clip.create_model(name, base_model=str(dirs[family]), **kwargs)
         msg = str(info.value)
         assert str(dirs[family]) in msg and other in msg and name in msg, msg
+
+
+def test_qwen2vl_default_resize_mode_is_the_closest_to_its_processor(built):
+    """Qwen2-VL's processor keeps the whole image at its aspect ratio; of open_clip's fixed-size modes the
+    registered default must be the one whose embeddings are closest to transformers' on the processor's output
+    (measured on real photographs of four aspect ratios; benchmarks/bench_qwen_preprocess.py has the figures)."""
+    from _helpers_layouts import resize_mode_agreement, sample_photos
+
+    model, _, hf, processor = built["qwen2vl"]
+    scores = resize_mode_agreement(model, hf, processor, sample_photos()[:4])
+    means = {mode: sum(v) / len(v) for mode, v in scores.items() if mode != "other_image"}
+    assert model.cfg.resize_mode == max(means, key=means.get), means
+    assert model.visual.preprocess_cfg["resize_mode"] == model.cfg.resize_mode
+    # the margin is meaningful: larger than the gap between the default and the processor itself
+    assert means[model.cfg.resize_mode] > scores["other_image"], (means, scores["other_image"])

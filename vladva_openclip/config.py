@@ -13,6 +13,9 @@ from typing import Any
 _logger = logging.getLogger(__name__)
 
 PROMPT_MODES = ("handcrafted", "soft", "both")
+# open_clip's eval resize modes: "shortest" (resize the short side, centre crop), "longest" (resize the long side,
+# pad; keeps the whole image at its aspect ratio), "squash" (resize both sides; keeps the whole image, not the ratio).
+RESIZE_MODES = ("shortest", "longest", "squash")
 
 
 def _from_dict(cls, d: dict[str, Any], where: str):
@@ -95,9 +98,14 @@ class VladVAConfig:
     init_logit_scale: float = 2.995732273553991  # ln(1/0.05), E5-V's temperature
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    resize_mode: str = "shortest"  # how a non-square image becomes the square input (RESIZE_MODES); see transforms
+
+    def __post_init__(self):
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "vladva_cfg") -> "VladVAConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "vladva_cfg") -> VladVAConfig:
         d = dict(d)
         d["template"] = _from_dict(TemplateConfig, d["template"], f"{where}.template")
         d["image_prompt"] = _from_dict(PromptConfig, d["image_prompt"], f"{where}.image_prompt")
@@ -111,7 +119,7 @@ class VladVAConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def replace(self, **changes: Any) -> "VladVAConfig":
+    def replace(self, **changes: Any) -> VladVAConfig:
         """A copy with top-level fields, or nested ones written ``"lora.r"``, changed."""
         d = self.to_dict()
         for key, value in changes.items():

@@ -34,6 +34,7 @@ CONFIG_OVERRIDES: dict[str, str] = {
     "text_prompt_mode": "text_prompt.mode",
     "init_logit_scale": "init_logit_scale",
     "context_length": "context_length",
+    "resize_mode": "resize_mode",
 }
 # open_clip precision -> dtype the frozen base is loaded in (trainable parameters always stay fp32). autocast
 # precisions keep open_clip's meaning (float32 weights) except amp_bf16: its matmuls run in bf16 anyway, so the
