@@ -23,6 +23,10 @@ def test_prompts_end_to_end_with_apply(analysis_world, tmp_path, capsys):
     for f in ("prompts.csv", "prompts.json", "prompts.md", "prompts_entropy.png", "prompts_cumulative_variance.png",
               "prompts_retrieval_by_entropy.png"):
         assert (out / f).is_file(), f
+    from vladva_openclip._fs import default_file_mode
+
+    # written aside and renamed into place, with the permissions the umask asks for (not mkstemp's 0600)
+    assert all((out / f).stat().st_mode & 0o777 == default_file_mode() for f in ("prompts.csv", "prompts_entropy.png"))
     report = json.loads((out / "prompts.json").read_text())
     assert len(report["candidates"]) == 3 and report["info"]["n_images"] == 8
     best = report["recommended"]

@@ -198,3 +198,27 @@ def test_applied_adapter_loads_and_uses_the_chosen_pair(name, pretrained, tmp_pa
         assert torch.allclose(loaded.encode_image(x), view.encode_image(x), atol=1e-5)
         assert torch.allclose(loaded.encode_text(tokens), view.encode_text(tokens), atol=1e-5)
         assert torch.equal(loaded.logit_scale, model.logit_scale)
+
+
+@pytest.mark.slow  # bfloat16 matmuls are emulated on many CPUs
+def test_prompt_search_on_a_bf16_base(analysis_world):
+    """A bfloat16 base (precision="bf16", as on GPUs): the shared-prefix path still matches the model's own forward
+    in its precision, and entropies stay close to the fp32 model's (logits are read in fp32)."""
+    from vladva_openclip.analysis import load_analysis_data
+
+    analysis_data = load_analysis_data(analysis_world.retrieval_json, max_images=4)
+    model16, pre = build_tiny("vladva-tiny-llava", pretrained="synth_captioner", precision="bf16")
+    model32, _ = build_tiny("vladva-tiny-llava", pretrained="synth_captioner")
+    assert model16.base_dtype == torch.bfloat16
+    x = torch.stack([pre(analysis_data.images.load(i)) for i in range(2)])
+    views = [_lvlm.prompt_view(model16, image_prompt=p) for p in PROMPTS[:2]]
+    with torch.no_grad():
+        for f, v in zip(_lvlm.encode_images_with_prompts(model16, views, x), views):
+            ref = v.encode_image(x)
+            assert f.dtype == torch.float32 and torch.allclose(f, ref, atol=0.05 * float(ref.abs().max()))
+    cfg = PromptSearchConfig(batch_size=4, progress=False, permutations=10)
+    r16 = search_prompts(model16, pre, analysis_data, default_prompt_pairs()[:2], cfg)
+    r32 = search_prompts(model32, pre, analysis_data, default_prompt_pairs()[:2], cfg)
+    for a, b in zip(r16.rows, r32.rows):
+        assert a.image_entropy == pytest.approx(b.image_entropy, abs=0.05)
+        assert a.text_entropy == pytest.approx(b.text_entropy, abs=0.05)

@@ -22,7 +22,7 @@ from . import _lvlm
 from .data import AnalysisData, image_batches
 from .image_grid import ImageGrid, image_grid, to_spatial
 from .metrics import distribution_entropy
-from .outputs import markdown_table, write_csv, write_json, write_text
+from .outputs import markdown_table, write_csv, write_json, write_safetensors, write_text
 
 __all__ = ["AttentionResult", "attention_maps", "default_layers"]
 
@@ -91,7 +91,7 @@ class AttentionResult:
                      "head_entropy": {m: v for m, v in self.head_entropy.items()},
                      "image_mass": {m: v for m, v in self.image_mass.items()},
                      "maps_file": "attention_maps.safetensors", "info": self.info}),
-                 "maps": _save_maps(out / "attention_maps.safetensors", self.maps),
+                 "maps": write_safetensors(out / "attention_maps.safetensors", self.maps),
                  "md": write_text(out / "attention.md", self.to_markdown() + "\n")}
         if plots:
             from .plots import plot_attention_entropy, plot_attention_maps
@@ -102,22 +102,6 @@ class AttentionResult:
                 files[f"maps_{i}"] = plot_attention_maps(self, i, out / f"attention_maps_{i}.png", layers, heads)
             files["entropy_png"] = plot_attention_entropy(self, out / "attention_entropy.png")
         return {k: str(v) for k, v in files.items()}
-
-
-def _save_maps(path: Path, maps: dict[str, torch.Tensor]) -> Path:
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({m: v.contiguous() for m, v in maps.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def default_layers(num_layers: int, count: int = 4) -> list[int]:

@@ -5,7 +5,8 @@
 The models: the shipped generative captioner used zero-shot with handcrafted prompts (``base``), its VladVA
 fine-tune (LoRA + soft prompts + contrastive + AR loss, ``vladva``) and a contrastive-only fine-tune (LoRA + soft
 prompts, no AR loss: the E5-V-like recipe, ``contrastive``), both trained by ``vladva-train`` exactly as
-``vladva demo`` trains (same world, budget and seed). Outputs: ``prompts/``, ``next_token/``, ``attention/``,
+``vladva demo`` trains (same world, budget and seed). Outputs: ``prompts/`` (the search on the captioner),
+``prompts_vladva/`` (the same search on the VladVA fine-tune's weights), ``next_token/``, ``attention/``,
 ``retention/`` and ``summary.json`` under ``--out``; the world, training runs and adapters go to ``--work``.
 """
 from __future__ import annotations
@@ -130,6 +131,16 @@ def model_refs(adapters: dict[str, Path]) -> list[ModelRef]:
     return [base, *(ModelRef(k, MODEL_NAME, str(p)) for k, p in adapters.items())]
 
 
+def _prompt_headline(result) -> dict[str, Any]:
+    """The recommended pair, the correlations with mean R@1, and where the recommendation lands in R@1."""
+    mean_r1 = sorted((r.t2i_r1 + r.i2t_r1) / 2 for r in result.rows)
+    best = result.ranked[0]
+    return {"recommended": asdict(result.recommended), "score": result.score_name,
+            "spearman_with_mean_R@1": {k: v["mean_R@1"] for k, v in result.correlations.items()},
+            "mean_R@1": {"max": mean_r1[-1], "median": mean_r1[len(mean_r1) // 2], "min": mean_r1[0],
+                         "recommended": (best.t2i_r1 + best.i2t_r1) / 2}}
+
+
 def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
     """Train (or reuse) the fine-tunes, run the four analyses, write everything under ``cfg.out``."""
     import open_clip
@@ -169,6 +180,13 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
         base_model, base_pre, data, pairs, PromptSearchConfig(batch_size=50, progress=cfg.progress),
         model_id=f"{MODEL_NAME}:{BASE_TAG}"))
     files = {"prompts": prompts.save(out / "prompts")}
+    # The same search on the VladVA fine-tune's weights (each candidate replacing its trained soft prompts): there
+    # retrieval is far from chance, so whether entropy and rank predict it can show.
+    ft_model, ft_pre = models["vladva"]
+    prompts_ft = timed("prompts_vladva", lambda: search_prompts(
+        ft_model, ft_pre, data, pairs, PromptSearchConfig(batch_size=50, progress=cfg.progress),
+        model_id=f"{MODEL_NAME}:vladva-fine-tune"))
+    files["prompts_vladva"] = prompts_ft.save(out / "prompts_vladva")
     applied = apply_prompt_pair(base_model, prompts.recommended, cfg.work / "applied_prompts")
     check = open_clip.create_model(MODEL_NAME, pretrained=str(applied))
     applied_ok = (check.cfg.image_prompt.text, check.cfg.text_prompt.text) == (prompts.recommended.image,
@@ -186,14 +204,9 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
     files["retention"] = retention.save(out / "retention")
 
     seconds["total"] = round(time.perf_counter() - start, 1)
-    corr = prompts.correlations
     headline = {
-        "prompts": {"recommended": asdict(prompts.recommended), "score": prompts.score_name,
-                    "spearman_with_mean_R@1": {k: corr[k]["mean_R@1"] for k in corr},
-                    "best_mean_R@1": max((r.t2i_r1 + r.i2t_r1) / 2 for r in prompts.rows),
-                    "recommended_mean_R@1": (prompts.ranked[0].t2i_r1 + prompts.ranked[0].i2t_r1) / 2,
-                    "median_mean_R@1": sorted((r.t2i_r1 + r.i2t_r1) / 2 for r in prompts.rows)[len(prompts.rows) // 2],
-                    "applied_adapter_loads_with_the_pair": applied_ok},
+        "prompts": {**_prompt_headline(prompts), "applied_adapter_loads_with_the_pair": applied_ok},
+        "prompts_vladva": _prompt_headline(prompts_ft),
         "next_token": tokens.summary,
         "attention": attn.summary(),
         "retention": retention.summary,

@@ -1,4 +1,5 @@
-"""Writing analysis outputs atomically (written aside, then renamed): CSV, JSON, Markdown and PNG."""
+"""Writing analysis outputs atomically (written aside, then renamed; the umask's permissions): CSV, JSON,
+Markdown, PNG and safetensors."""
 from __future__ import annotations
 
 import csv
@@ -6,26 +7,35 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["jsonable", "markdown_table", "save_figure", "write_csv", "write_json", "write_text"]
+from .._fs import make_temp_file, save_safetensors
+
+__all__ = ["jsonable", "markdown_table", "save_figure", "write_csv", "write_json", "write_safetensors", "write_text"]
+
+
+def _atomic(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
+    """``write(tmp)`` to a fresh file beside ``path``, then rename it into place (never a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> Path:
+    return _atomic(path, lambda tmp: save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 def jsonable(value: Any) -> Any:
@@ -72,15 +82,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     """Save a matplotlib figure atomically, with fixed metadata so reruns give identical files, and close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None})
-        os.replace(tmp, path)
+        return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None}),
+                       suffix=".png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
