@@ -26,6 +26,8 @@ from _helpers_layouts import (
     write_qwen2vl_dir,
 )
 
+import vladva_openclip
+
 pytestmark = needs_real_tokenizers
 
 IMAGE_BODY = {"llava": "<image>", "qwen2vl": "<|vision_start|><|image_pad|><|vision_end|>"}
@@ -45,8 +47,6 @@ def built(dirs):
     """family -> (VladVA model, preprocess_val, transformers reference model, AutoProcessor of the directory)."""
     import open_clip
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import vladva_openclip  # noqa: F401
 
     out = {}
     for family, path in dirs.items():
@@ -141,7 +141,6 @@ def test_directory_config_is_the_architecture_on_meta_and_random(dirs, built):
     """Without loading weights too (meta device, load_weights=False), the directory's config.json decides."""
     import open_clip
 
-    import vladva_openclip
 
     real = built["llava"][0]
     meta = open_clip.create_model("vladva-llava7b", base_model=str(dirs["llava"]), device="meta")
@@ -191,3 +190,17 @@ def test_qwen2vl_default_resize_mode_is_the_closest_to_its_processor(built):
     assert model.visual.preprocess_cfg["resize_mode"] == model.cfg.resize_mode
     # the margin is meaningful: larger than the gap between the default and the processor itself
     assert means[model.cfg.resize_mode] > scores["other_image"], (means, scores["other_image"])
+
+
+def test_vladva_base_dir_supplies_weights_and_tokenizer(dirs, tmp_path, monkeypatch):
+    """VLADVA_BASE_DIR/<last part of the hub id> stands in for the hub: weights, architecture and tokenizer."""
+    import open_clip
+
+    root = tmp_path / "bases"
+    root.mkdir()
+    (root / "llava-1.5-7b-hf").symlink_to(dirs["llava"], target_is_directory=True)
+    monkeypatch.setenv("VLADVA_BASE_DIR", str(root))
+    model = open_clip.create_model("vladva-llava7b")
+    assert model.embed_dim == 64
+    tokenizer = open_clip.get_tokenizer("vladva-llava7b")
+    assert tokenizer.tokenizer.convert_tokens_to_ids("<image>") == 32000
