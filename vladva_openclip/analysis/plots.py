@@ -138,25 +138,33 @@ def plot_attention_maps(result: AttentionResult, image_index: int, path: str | o
     heads = list(result.heads if heads is None else heads)
     image = result.images[image_index]
     rows = [(m, layer) for m in result.models for layer in layers]
+    def grid_of(label: str, layer: int, head: int) -> torch.Tensor:
+        return result.maps[label][image_index, result.layers.index(layer), result.heads.index(head)]
+
+    # One colour scale for the whole figure, so a spread-out head looks flat and a focused one bright.
+    vmax = max(float(grid_of(m, layer, h).max()) for m, layer in rows for h in heads) or 1.0
     fig, axes = plt.subplots(len(rows), len(heads) + 1, figsize=(1.5 * (len(heads) + 1), 1.55 * len(rows)),
                              squeeze=False)
+    shown = None
     for r, (label, layer) in enumerate(rows):
         axes[r][0].imshow(image)
         axes[r][0].set_ylabel(f"{label}\nlayer {layer}", fontsize=6)
         for c, head in enumerate(heads, start=1):
             ax = axes[r][c]
-            grid = result.maps[label][image_index, result.layers.index(layer), result.heads.index(head)]
+            grid = grid_of(label, layer, head)
             up = torch.nn.functional.interpolate(grid[None, None].float(), size=image.size[::-1], mode="nearest")[0, 0]
             ax.imshow(image)
-            ax.imshow(up.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=float(grid.max()) or 1.0)
+            shown = ax.imshow(up.numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=vmax)
             if r == 0:
                 ax.set_title(f"head {head}", fontsize=6)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle("Summary-token attention over image tokens (per panel: share of the image-token attention)",
-                 fontsize=7)
+    uniform = 1.0 / (result.grid.rows * result.grid.cols)
+    fig.suptitle(f"Summary-token attention over the image tokens: each head's share per token "
+                 f"(uniform = {uniform:.3g}; one scale for all panels)", fontsize=7)
     fig.tight_layout()
+    fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01).ax.tick_params(labelsize=5)
     return save_figure(fig, path)
 
 
