@@ -130,6 +130,16 @@ def _analyze(args: argparse.Namespace) -> int | None:
     return analyze_main(args.rest)
 
 
+# ---- embed / index / search (vladva_openclip.retrieval) -----------------------------------------------------
+def _register_retrieval() -> None:
+    from .retrieval.cli import register_commands
+
+    register_commands(register, _setup_logging)
+
+
+_register_retrieval()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vladva", description="VladVA: the demo, the captioner's pretraining, and shortcuts to vladva-train and vladva-eval.")
