@@ -1,6 +1,7 @@
 """Bad base or tokenizer sources: one clear error each, naming the path (or id) and what to provide."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,27 @@ def test_hub_error_keeps_its_real_cause(tmp_path, monkeypatch):
 def test_errors_are_exported():
     assert issubclass(vladva_openclip.BaseModelError, ValueError)
     assert issubclass(vladva_openclip.WeightsNotFoundError, FileNotFoundError)
+
+
+def _into_hub_cache(cache: Path, repo_id: str, src: Path) -> None:
+    """Lay ``src`` out as the Hugging Face cache holds a downloaded snapshot of ``repo_id``."""
+    revision = "0" * 40
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(src, repo / "snapshots" / revision)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+
+
+def test_hub_id_from_the_local_cache(good_dir, tmp_path, monkeypatch):
+    """A hub id found in the cache (offline) loads, and its config is the architecture; another family in the
+    cache under the id is the same clear error as for a directory."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    _into_hub_cache(cache, "some-org/tiny-llava", good_dir)
+    model = _create(base_model="some-org/tiny-llava", cache_dir=str(cache))
+    assert model.cfg.hf_config["text_config"]["hidden_size"] == 64 and model.cfg.image_size == 64
+    qwen = get_vladva_config("vladva-tiny-qwen2vl")["vladva_cfg"]["hf_config"]
+    _into_hub_cache(cache, "some-org/tiny-qwen", write_hub_checkpoint(qwen, tmp_path / "q", torch.float32))
+    with pytest.raises(BaseModelError) as info:
+        _create(base_model="some-org/tiny-qwen", cache_dir=str(cache))
+    assert "some-org/tiny-qwen" in str(info.value) and "'qwen2_vl'" in str(info.value)

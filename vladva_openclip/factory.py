@@ -123,13 +123,16 @@ def _base_source(cfg: VladVAConfig) -> str | None:
     return os.path.expanduser(source) if source is not None and is_local(source) else source
 
 
-def adopt_architecture(cfg: VladVAConfig, backbone: Backbone, hf_config: dict[str, Any]) -> VladVAConfig:
-    """``cfg`` with the checkpoint's own config as the architecture (and what it fixes, e.g. LLaVA's image size).
+def adopt_architecture(cfg: VladVAConfig, backbone: Backbone, hf_config: Any) -> VladVAConfig:
+    """``cfg`` with the checkpoint's own config (a config.json dict or a transformers config) as the architecture,
+    and what it fixes (e.g. LLaVA's image size).
 
     The registered ``hf_config`` only describes the checkpoint the name was registered for; a base directory of
     another size (a smaller test checkpoint, a fine-tuned variant) is built as its config.json says.
     """
-    changes = {"hf_config": hf_config, **backbone.architecture(backbone.build_config(hf_config))}
+    config = backbone.build_config(hf_config)
+    as_dict = hf_config if isinstance(hf_config, dict) else config.to_dict()
+    changes = {"hf_config": as_dict, **backbone.architecture(config)}
     if changes.get("image_size") not in (None, cfg.image_size):
         _logger.info("image size %s from the base checkpoint (registered: %s)", changes["image_size"], cfg.image_size)
     return cfg.replace(**changes)
@@ -166,7 +169,7 @@ def build_lvlm(cfg: VladVAConfig, device: torch.device, dtype: torch.dtype, load
     if source is not None and load_weights and not ships_base:
         lvlm = backbone.load_pretrained(source, dtype, device=device, cache_dir=cache_dir, model_name=model_name)
         if not is_local(source):  # a local directory's config was adopted before loading
-            cfg = adopt_architecture(cfg, backbone, lvlm.config.to_dict())
+            cfg = adopt_architecture(cfg, backbone, lvlm.config)
         return lvlm, cfg
     if source is not None and not ships_base:
         _logger.warning("load_weights=False: %s is built with RANDOM weights (architecture only)", source)
