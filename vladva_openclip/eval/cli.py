@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tasks-file", metavar="JSON", help='a JSON list of {"task": TYPE, ...} added before --task')
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: %(default)s")
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                   help="amp/amp_bf16: autocast; fp16/bf16/pure_*: weights cast by open_clip")
+                   help="amp/amp_bf16: autocast; fp16/bf16/pure_*: weights cast by open_clip. A VladVA base is "
+                        "loaded straight in bf16 for amp_bf16/bf16/pure_bf16 (fp16 for fp16/pure_fp16)")
     p.add_argument("--batch-size", type=int, default=64, help="images or texts per forward (default: %(default)s)")
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes")
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="embedding cache (default: %(default)s)")
