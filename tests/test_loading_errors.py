@@ -191,3 +191,15 @@ def test_hub_id_from_the_local_cache(good_dir, tmp_path, monkeypatch):
     with pytest.raises(BaseModelError) as info:
         _create(base_model="some-org/tiny-qwen", cache_dir=str(cache))
     assert "some-org/tiny-qwen" in str(info.value) and "'qwen2_vl'" in str(info.value)
+
+
+def test_get_tokenizer_takes_the_tokenizer_or_base_directory(good_dir):
+    import open_clip
+
+    for kwargs in ({"tokenizer": str(good_dir)}, {"base_model": str(good_dir)}):
+        tok = open_clip.get_tokenizer("vladva-llava7b", **kwargs)
+        assert tok(["a red circle"]).shape == (1, 77)
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        open_clip.get_tokenizer("vladva-llava7b", tokenizer=str(good_dir / "missing"))
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        open_clip.get_tokenizer("vladva-tiny-llava", no_such_option=1)

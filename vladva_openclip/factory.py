@@ -84,6 +84,20 @@ def build_config(name: str, overrides: dict[str, Any], adapter_meta: dict[str, A
     return cfg.replace(**changes) if changes else cfg
 
 
+def _tokenizer_follows_base(name: str, kwargs: dict[str, Any]) -> None:
+    """A ``base_model`` override also sets the tokenizer when the registered config takes both from one place
+    (a base directory or hub repo carries its own tokenizer)."""
+    registered = get_vladva_config(name)["vladva_cfg"]
+    if "base_model" in kwargs and "tokenizer" not in kwargs and registered.get("tokenizer") == registered.get("base_model"):
+        kwargs["tokenizer"] = kwargs["base_model"]
+
+
+def tokenizer_config(name: str, **overrides: Any) -> VladVAConfig:
+    """The config ``get_tokenizer(name, tokenizer=..., base_model=...)`` builds its tokenizer from."""
+    _tokenizer_follows_base(name, overrides)
+    return build_config(name, overrides, None)
+
+
 def _local_override(source: str | None) -> str | None:
     """``VLADVA_BASE_DIR/<last part of the hub id>`` when that directory exists, else ``source``."""
     if source is None or source.startswith("asset:"):
@@ -230,9 +244,7 @@ def create_vladva(
         meta = None  # base weights only: the registered structure (and the keywords) decide the adapters
     if force_context_length:
         kwargs["context_length"] = force_context_length
-    registered = get_vladva_config(name)["vladva_cfg"]
-    if "base_model" in kwargs and "tokenizer" not in kwargs and registered.get("tokenizer") == registered.get("base_model"):
-        kwargs["tokenizer"] = kwargs["base_model"]  # a local base directory carries its own tokenizer
+    _tokenizer_follows_base(name, kwargs)
     cfg = build_config(name, kwargs, meta)
     device = torch.device(device)
     dtype = BASE_DTYPES[precision]

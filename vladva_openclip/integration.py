@@ -12,7 +12,8 @@ import functools
 import inspect
 import logging
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _logger = logging.getLogger(__name__)
 
@@ -54,12 +55,14 @@ def _vladva_get_tokenizer(original: Callable) -> Callable:
 
         if not is_vladva_name(model_name):
             return original(model_name, context_length=context_length, cache_dir=cache_dir, **kwargs)
-        from .config import VladVAConfig
-        from .factory import build_tokenizer
-        from .registry import get_vladva_config
+        from .factory import build_tokenizer, tokenizer_config
 
-        name = model_name.replace("/", "-")
-        cfg = VladVAConfig.from_dict(get_vladva_config(name)["vladva_cfg"], where=name)
+        # tokenizer= / base_model= as for create_model (a base directory carries its own tokenizer).
+        unknown = sorted(set(kwargs) - {"tokenizer", "base_model"})
+        if unknown:
+            raise TypeError(f"unexpected arguments for the {model_name} tokenizer: {unknown}; VladVA tokenizers take "
+                            f"context_length, cache_dir, tokenizer=<dir or hub id>, base_model=<dir or hub id>")
+        cfg = tokenizer_config(model_name.replace("/", "-"), **kwargs)
         return build_tokenizer(cfg, context_length=context_length, cache_dir=cache_dir)
 
     setattr(get_tokenizer, _MARK, True)
@@ -84,7 +87,7 @@ def _rebind(original: Callable, wrapper: Callable) -> None:
 
 
 def is_installed() -> bool:
-    import open_clip.factory as factory
+    from open_clip import factory
 
     return getattr(factory.create_model, _MARK, False)
 
@@ -96,8 +99,8 @@ def install() -> None:
     by calling ``install()`` again after importing them; the trainer does so.
     """
     import open_clip
-    import open_clip.factory as factory
     import open_clip.pretrained as oc_pretrained
+    from open_clip import factory
 
     from .registry import CONFIG_DIR, pretrained_tags
 
@@ -123,8 +126,8 @@ def install() -> None:
 
 def uninstall() -> None:
     """Undo :func:`install`: open_clip's functions, configs and pretrained tags are as before."""
-    import open_clip.factory as factory
     import open_clip.pretrained as oc_pretrained
+    from open_clip import factory
 
     while _patched:
         module, attr, original = _patched.pop()
