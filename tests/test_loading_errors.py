@@ -203,3 +203,13 @@ def test_get_tokenizer_takes_the_tokenizer_or_base_directory(good_dir):
         open_clip.get_tokenizer("vladva-llava7b", tokenizer=str(good_dir / "missing"))
     with pytest.raises(TypeError, match="unexpected arguments"):
         open_clip.get_tokenizer("vladva-tiny-llava", no_such_option=1)
+
+
+def test_config_without_model_type(copy_of):
+    path = copy_of()
+    config = json.loads((path / "config.json").read_text())
+    del config["model_type"]
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BaseModelError, match="names no model_type") as info:
+        _create(base_model=str(path))
+    assert str(path) in str(info.value)

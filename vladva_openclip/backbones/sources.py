@@ -114,6 +114,10 @@ def check_family(model_type: str | None, backbone: Backbone, where: str, model_n
     """Raise :class:`BaseModelError` when a checkpoint's ``model_type`` is not one ``backbone`` can load."""
     if model_type in backbone.model_types:
         return
+    if not model_type:
+        raise BaseModelError(f"{where}: config.json names no model_type, so it is not a transformers checkpoint of "
+                             f"the {backbone.name!r} family; provide a {backbone.model_types[0]} checkpoint "
+                             f"(config.json as written by save_pretrained)")
     from ..registry import get_vladva_config, list_vladva_models
 
     fitting = []
