@@ -141,6 +141,23 @@ def _prompt_headline(result) -> dict[str, Any]:
                          "recommended": (best.t2i_r1 + best.i2t_r1) / 2}}
 
 
+@torch.no_grad()
+def own_prompt_retrieval(model, preprocess, data, batch_size: int = 50) -> dict[str, float]:
+    """R@1 both ways with the model's own prompts (a fine-tune's trained soft prompts): the reference the
+    handcrafted candidates of the prompt search are compared with."""
+    import torch.nn.functional as F
+
+    from ..eval.metrics import retrieval_metrics
+    from .data import image_batches
+
+    images = torch.cat([F.normalize(model.encode_image(x), dim=-1)
+                        for _, x in image_batches(data.images, preprocess, batch_size)])
+    texts = torch.cat([F.normalize(model.encode_text(model.tokenizer(data.captions[i:i + batch_size])), dim=-1)
+                       for i in range(0, len(data.captions), batch_size)])
+    r = retrieval_metrics(images, texts, data.caption_image, ks=(1,))
+    return {"t2i_R@1": r["t2i_R@1"], "i2t_R@1": r["i2t_R@1"]}
+
+
 def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
     """Train (or reuse) the fine-tunes, run the four analyses, write everything under ``cfg.out``."""
     import open_clip
@@ -207,6 +224,7 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
     headline = {
         "prompts": {**_prompt_headline(prompts), "applied_adapter_loads_with_the_pair": applied_ok},
         "prompts_vladva": _prompt_headline(prompts_ft),
+        "own_prompt_retrieval": {k: own_prompt_retrieval(m, p, data) for k, (m, p) in models.items()},
         "next_token": tokens.summary,
         "attention": attn.summary(),
         "retention": retention.summary,
