@@ -114,35 +114,35 @@ def stage_budget(stage_index: int, left: float, stages: tuple[Stage, ...] = STAG
 
 # --- install ------------------------------------------------------------------------------------------------------
 
-# Run by the candidate interpreter: imports every module the stages need (argv[2] == "light": only locates them,
-# for the dry run, whose interpreter is the project's own venv) and prints what it found as JSON.
+# Run by a candidate interpreter; prints what it found as JSON. argv[2] is the mode: "torch" (only torch and CUDA:
+# choosing an interpreter), "light" (only locates the modules: the dry run's own venv), "full" (imports them all).
 PROBE = r"""
 import importlib, importlib.util, json, sys
-mods, light = json.loads(sys.argv[1]), sys.argv[2] == "light"
+mods, mode = json.loads(sys.argv[1]), sys.argv[2]
 out = {"python": sys.version.split()[0], "executable": sys.executable, "modules": {}}
 def check(name):
     try:
-        if light:
+        if mode == "light":
             return "found" if importlib.util.find_spec(name) is not None else None
         return str(getattr(importlib.import_module(name), "__version__", "?"))
     except Exception as err:
         out.setdefault("errors", {})[name] = (type(err).__name__ + ": " + str(err))[:300]
         return None
-for name in mods:
+for name in (["torch"] if mode == "torch" else mods):
     out["modules"][name] = check(name)
-if not light:
+if mode != "light":
     try:
         import torch
         out["cuda"] = bool(torch.cuda.is_available())
         out["cuda_name"] = torch.cuda.get_device_name(0) if out["cuda"] else None
     except Exception:
         out["cuda"] = False
-if light:  # (finding a submodule would import its parent package: open_clip, transformers...)
+if mode == "light":  # (finding a submodule would import its parent package: open_clip, transformers...)
     out["project"] = check("vladva_openclip")
-else:
+elif mode == "full":
     out["project"] = check("vladva_openclip.kernels") and importlib.import_module("vladva_openclip.kernels").__file__
 for name in ("pytest_timeout", "xdist"):
-    out[name] = bool(check(name))
+    out[name] = mode != "torch" and bool(importlib.util.find_spec(name))
 print(json.dumps(out))
 """
 
@@ -174,11 +174,10 @@ def run_cmd(cmd: list[str], log: Log, timeout: float, env: dict[str, str] | None
     return out.returncode, out.stdout
 
 
-def probe(python: str, env: dict[str, str], log: Log, timeout: float = 120, light: bool = False
+def probe(python: str, env: dict[str, str], log: Log, mode: str = "full", timeout: float = 120
           ) -> dict[str, Any] | None:
-    """What ``python`` can import (see PROBE), or None when it cannot even run the probe."""
-    rc, out = run_cmd([python, "-c", PROBE, json.dumps(REQUIRED_MODULES), "light" if light else "full"], log,
-                      timeout, env=env, cwd=Path("/"))
+    """What ``python`` can import (see PROBE; ``mode``: torch / light / full), or None when it cannot run it."""
+    rc, out = run_cmd([python, "-c", PROBE, json.dumps(REQUIRED_MODULES), mode], log, timeout, env=env, cwd=Path("/"))
     if rc != 0 or not out.strip():
         return None
     try:
@@ -214,6 +213,9 @@ def base_env(dry_run: bool, site: Path | None) -> dict[str, str]:
 
 
 def network_reachable(host: str = "pypi.org", port: int = 443, timeout: float = 3.0) -> bool:
+    """Whether PyPI answers (never, with ``GPU_CHECK_OFFLINE=1``: rehearsing the offline machine)."""
+    if os.environ.get("GPU_CHECK_OFFLINE", "") not in ("", "0"):
+        return False
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return True
@@ -271,7 +273,7 @@ def find_torch_python(log: Log, env: dict[str, str], want_cuda: bool) -> tuple[s
         if not path or os.path.realpath(path) in seen:
             continue
         seen.add(os.path.realpath(path))
-        info = probe(path, env, log)
+        info = probe(path, env, log, mode="torch")
         if info and info["modules"].get("torch") and (info.get("cuda") or not want_cuda):
             return path, info
         log.write(f"{path}: {'no torch' if not info or not info['modules'].get('torch') else 'torch without CUDA'}")
@@ -300,17 +302,18 @@ def install(args: argparse.Namespace, log: Log, deadline: float) -> tuple[Enviro
         record["steps"].append({"step": what, "ok": ok, "seconds": round(time.time() - start, 1), **extra})
         log.say(f"install: {what}: {'ok' if ok else 'FAILED'}")
 
-    if args.dry_run or args.skip_install:
+    if args.skip_install or (args.dry_run and not args.install):
         python = args.python or sys.executable
-        info = probe(python, env, log, light=args.dry_run)
+        info = probe(python, env, log, mode="light" if args.dry_run else "full")
         step(f"use {python} as it is", info is not None)
         record.update(status="skipped (dry run)" if args.dry_run else "skipped (--skip-install)",
                       seconds=round(time.time() - start, 1), probe=info)
         return Environment(python, env, info or {}), record
 
-    python, info = (args.python, probe(args.python, env, log)) if args.python else \
-        find_torch_python(log, env, want_cuda=True)
-    step("find an interpreter with a CUDA torch", python is not None, python=python)
+    python, info = (args.python, probe(args.python, env, log, mode="torch")) if args.python else \
+        find_torch_python(log, env, want_cuda=not args.dry_run)
+    step("find an interpreter with a CUDA torch" + (" (dry run: any torch)" if args.dry_run else ""),
+         python is not None, python=python)
     if python is None:
         if not network_reachable():
             record.update(status="failed: no interpreter with a CUDA torch and no network to install one",
@@ -323,7 +326,7 @@ def install(args: argparse.Namespace, log: Log, deadline: float) -> tuple[Enviro
         python = str(venv / "bin" / "python")
         ok = pip_install(python, ["torch"], log, max(deadline - time.time() - 240, 60), env)
         step("pip install torch (PyPI's CUDA build)", ok)
-        info = probe(python, env, log)
+        info = probe(python, env, log, mode="torch")
         if not ok or not info or not info.get("cuda"):
             record.update(status="failed: could not install a CUDA torch", seconds=round(time.time() - start, 1))
             return None, record
@@ -336,24 +339,28 @@ def install(args: argparse.Namespace, log: Log, deadline: float) -> tuple[Enviro
                                   *map(str, wheels)], log, 180, env)
         step(f"install {len(wheels)} wheels from {wheelhouse} into {site}", ok,
              wheels=[w.name for w in wheels])
-    info = probe(python, env, log) or {}
+    info = probe(python, env, log, mode="light") or {}
     missing = [m for m in REQUIRED_MODULES if not (info.get("modules") or {}).get(m)]
     if missing and network_reachable():
         ok = pip_install(python, ["-e", str(REPO)], log, max(min(deadline - time.time() - 200, 300), 60), env)
         step(f"pip install -e . (missing: {', '.join(missing)})", ok)
-        info = probe(python, env, log) or {}
-    if not info.get("project"):
-        try:
-            make_shim(site)
-            step(f"link the project into {site}", True)
-        except OSError as err:
-            step("link the project", False, error=str(err))
-        info = probe(python, env, log) or {}
+    try:
+        # Harmless where the project is installed too (the same files); needed where it is not.
+        make_shim(site)
+        step(f"link the project into {site}", True)
+    except OSError as err:
+        step("link the project", False, error=str(err))
+    info = probe(python, env, log, mode="full") or {}
     missing = [m for m in REQUIRED_MODULES if not (info.get("modules") or {}).get(m)]
     if not info.get("project"):
         missing.append("vladva_openclip")
-    record.update(status="ok" if not missing else f"incomplete: missing {', '.join(missing)}",
-                  seconds=round(time.time() - start, 1), probe=info)
+    status = "ok"
+    if missing:
+        status = f"incomplete: missing {', '.join(missing)}"
+        if not wheels:
+            status += (" (no wheels in benchmarks/wheelhouse: run `bash benchmarks/gpu_check.sh --fetch-wheels` where "
+                       "PyPI is reachable and carry that folder to this machine)")
+    record.update(status=status, seconds=round(time.time() - start, 1), probe=info)
     return Environment(python, env, info), record
 
 
@@ -394,6 +401,22 @@ def parity_result(jsonl: Path, rc: int | None) -> dict[str, Any]:
     counts = {k: sum(1 for t in tests.values() if t["outcome"] == k) for k in ("passed", "failed", "skipped")}
     return {**counts, "pytest_exit_code": rc, "seconds_in_tests": round(sum(t["seconds"] for t in tests.values()), 1),
             "not_passed": [t for t in tests.values() if t["outcome"] != "passed"], "complete": rc is not None}
+
+
+def measurement_errors(result: dict[str, Any]) -> tuple[int, int, str | None]:
+    """(measurements, failed ones, first error) over a stage result's lists of rows (``guarded`` records a failed
+    measurement as a row with an ``error``)."""
+    total = failed = 0
+    first = None
+    for value in result.values():
+        if isinstance(value, list):
+            for row in value:
+                if isinstance(row, dict):
+                    total += 1
+                    if "error" in row:
+                        failed += 1
+                        first = first or f"{row.get('name', '?')}: {row['error']}"
+    return total, failed, first
 
 
 def stage_command(stage: Stage, runtime: Environment, work: Path, soft_deadline: float, dry_run: bool,
@@ -500,6 +523,13 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _sig(value: Any, digits: int = 3) -> str:
+    """A figure to ``digits`` significant digits (toy dry-run figures are tiny, GPU ones large)."""
+    if value is None or value == "":
+        return "-"
+    return f"{float(value):.{digits}g}"
+
+
 def _device_line(results: dict[str, Any]) -> str:
     env = ((results.get("stages") or {}).get("env") or {}).get("result") or {}
     dev, libs, meas = env.get("device") or {}, env.get("libraries") or {}, env.get("measured") or {}
@@ -507,14 +537,15 @@ def _device_line(results: dict[str, Any]) -> str:
     versions = {k: libs.get(k) or probe_mods.get(k) for k in ("torch", "triton", "transformers", "open_clip", "peft")}
     parts = [f"**{dev.get('name') or results.get('host', {}).get('node', 'unknown device')}**"]
     if dev.get("memory_gib"):
-        parts.append(f"{dev['memory_gib']} GiB, {dev.get('sms')} SMs, sm_{str(dev.get('capability', '')).replace('.', '')}")
+        arch = str(dev.get("capability", "")).replace(".", "")
+        parts.append(f"{dev['memory_gib']} GiB, {dev.get('sms')} SMs, sm_{arch}")
     parts.append(f"driver {dev.get('driver') or '-'}, CUDA (torch) {dev.get('torch_cuda') or '-'}")
     parts.append(", ".join(f"{k} {v or '-'}" for k, v in versions.items()) + f", python {libs.get('python', '-')}")
     line = "; ".join(parts) + "."
     sheet = dev.get("datasheet") or {}
     if meas:
-        line += (f" Measured: bf16 matmul {_fmt(meas.get('matmul_bf16_tflops'), 1)} TFLOP/s, fp32 matmul "
-                 f"{_fmt(meas.get('matmul_fp32_tflops'), 1)} TFLOP/s, device copy {_fmt(meas.get('copy_gbps'), 0)} GB/s")
+        line += (f" Measured: bf16 matmul {_sig(meas.get('matmul_bf16_tflops'))} TFLOP/s, fp32 matmul "
+                 f"{_sig(meas.get('matmul_fp32_tflops'))} TFLOP/s, device copy {_sig(meas.get('copy_gbps'))} GB/s")
         line += (f" (datasheet: {sheet['bf16_tflops']:.0f} TFLOP/s bf16 dense, {sheet['hbm_gbps']:.0f} GB/s HBM)."
                  if sheet else " (no datasheet entry for this device).")
     return line
@@ -566,15 +597,18 @@ def render_markdown(results: dict[str, Any]) -> str:
                    f"{_fmt(f.get('peak_mib'), 1)} | {_fmt(c.get('peak_mib'), 1)} | {m_ratio} | "
                    f"{f.get('impl', '-')} |")
     out += ["", "#### Last-token pooling, forward bandwidth", "",
-            "| impl | B | T | D | dtype | ms | GB/s | % HBM peak | % measured copy |", "|---|---|---|---|---|---|---|---|---|"]
+            "| impl | B | T | D | dtype | ms | GB/s | % HBM peak | % measured copy |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in kern.get("pooling") or []:
         out.append(f"| {r.get('impl')} | {r.get('b')} | {r.get('t')} | {r.get('d')} | {r.get('dtype')} | "
                    f"{r.get('ms') if r.get('status') == 'ok' else r.get('status')} | {_fmt(r.get('gbps'), 1)} | "
                    f"{_fmt(r.get('pct_hbm_peak'), 1)} | {_fmt(r.get('pct_copy'), 1)} |")
 
     train = (stages.get("train") or {}).get("result") or {}
-    out += ["", ("#### Training step (random weights, LoRA + soft prompts, bf16 base, autocast bf16, gradient "
-                 "checkpointing, AdamW)"), "",
+    precision = next((r["precision"] for r in train.get("models") or [] if r.get("precision")), "amp_bf16")
+    dtype_text = "bf16 base under bf16 autocast" if precision == "amp_bf16" else f"{precision} (dry run)"
+    out += ["", (f"#### Training step (random weights, LoRA + soft prompts, {dtype_text}, gradient checkpointing, "
+                 "AdamW)"), "",
             ("| model | LLM layers | batch | short / long caption tokens | step ms | samples/s | peak GiB | "
              "model TFLOP/step | TFLOP/s | MFU (datasheet) | MFU (measured matmul) |"),
             "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -586,8 +620,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         layers = f"{r['layers']} (extrapolated: {r['method']})" if r.get("extrapolated") else str(r["layers"])
         caps = f"{r.get('short_len', '-')} / {r.get('long_len', '-')}" if not r.get("extrapolated") else "same"
         out.append(f"| {r['label']} | {layers} | {r['batch']} | {caps} | {_fmt(r['step_ms'], 1)} | "
-                   f"{_fmt(r['samples_per_s'], 2)} | {_fmt(r.get('peak_gib'), 1)} | "
-                   f"{r['flops']['model'] / 1e12:.1f} | {_fmt(r.get('tflops_per_s'), 1)} | "
+                   f"{_sig(r['samples_per_s'])} | {_fmt(r.get('peak_gib'), 1)} | "
+                   f"{_sig(r['flops']['model'] / 1e12)} | {_sig(r.get('tflops_per_s'))} | "
                    f"{_fmt(r.get('mfu'), 3)} | {_fmt(r.get('mfu_vs_measured_matmul'), 3)} |")
     if train.get("flop_formula"):
         out += ["", f"FLOP count: {train['flop_formula']}"]
@@ -595,11 +629,13 @@ def render_markdown(results: dict[str, Any]) -> str:
     if counted:
         r = counted[0]
         out.append(f"Cross-check ({r['label']}, {r['layers']} layers): torch's FlopCounterMode counted "
-                   f"{r['counted_flops'] / 1e12:.1f} TFLOP in one step = {r['counted_over_hardware']:.2f} x the "
+                   f"{_sig(r['counted_flops'] / 1e12)} TFLOP in one step = {r['counted_over_hardware']:.2f} x the "
                    "formula's hardware FLOPs (recomputation included).")
 
     infer = (stages.get("infer") or {}).get("result") or {}
-    out += ["", "#### Inference throughput (bf16, inference_mode, do_bench median)", "",
+    dry = results.get("dry_run")
+    out += ["", (f"#### Inference throughput ({'fp32, dry run' if dry else 'bf16'}, inference_mode, "
+                 f"{'wall-clock' if dry else 'do_bench'} median)"), "",
             "| model | LLM layers | image batch | images/s | text batch | texts/s | tokens per image / text pass |",
             "|---|---|---|---|---|---|---|"]
     for r in infer.get("models") or []:
@@ -610,8 +646,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         layers = (f"{r['layers']} (extrapolated: {r['method']})" if r.get("extrapolated")
                   else _fmt(r.get("layers")) if r.get("layers") else "-")
         tokens = f"{_fmt(r.get('image_tokens'))} / {_fmt(r.get('text_tokens'))}"
-        out.append(f"| {r['label']} | {layers} | {r.get('image_batch', '-')} | {_fmt(r['images_per_s'], 1)} | "
-                   f"{r.get('text_batch', '-')} | {_fmt(r['texts_per_s'], 1)} | {tokens} |")
+        out.append(f"| {r['label']} | {layers} | {r.get('image_batch', '-')} | {_sig(r['images_per_s'], 4)} | "
+                   f"{r.get('text_batch', '-')} | {_sig(r['texts_per_s'], 4)} | {tokens} |")
     return "\n".join(out) + "\n"
 
 
@@ -628,12 +664,15 @@ def output_dir(arg: str | None) -> Path:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU, Triton under the interpreter")
-    parser.add_argument("--out", default=None, help="output directory (default: $OUT, else benchmarks/results/gpu_check)")
+    parser.add_argument("--out", default=None,
+                        help="output directory (default: $OUT, else benchmarks/results/gpu_check)")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds, install included")
     parser.add_argument("--start", type=float, default=None, help="epoch seconds the run started (gpu_check.sh)")
     parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset, in any order")
     parser.add_argument("--python", default=None, help="interpreter for the stages (default: found or installed)")
     parser.add_argument("--skip-install", action="store_true", help="use --python (or this interpreter) as it is")
+    parser.add_argument("--install", action="store_true",
+                        help="run the install steps in a dry run too (rehearses the offline install on a CPU machine)")
     parser.add_argument("--wheelhouse", default=None, help=f"wheels to install offline (default: {WHEELHOUSE})")
     parser.add_argument("--site", default=None, help="directory for those wheels and the project link")
     parser.add_argument("--render", default=None, metavar="JSON", help="only print the Markdown of a results JSON")
@@ -715,8 +754,14 @@ def main(argv: list[str] | None = None) -> int:
             entry["status"] = f"failed: pytest exit code {rc}" + (" (no tests ran)" if rc == 5 else "")
         collect(final=True, rc=rc)
         res = entry.get("result") or {}
-        if stage.name != "parity" and status == "ok" and not res.get("complete"):
-            entry["status"] = "failed: stage ended without completing its results"
+        if stage.name != "parity" and status == "ok":
+            total, failed, first = measurement_errors(res)
+            if not res.get("complete"):
+                entry["status"] = "failed: stage ended without completing its results"
+            elif failed and failed == total:
+                entry["status"] = f"failed: every measurement failed ({first})"[:300]
+            elif failed:
+                entry["status"] = f"ok, {failed} of {total} measurements failed ({first})"[:300]
         log.say(f"{stage.name}: {entry['status']} ({entry['seconds']} s)")
     results["finished"] = now_iso()
     flush()

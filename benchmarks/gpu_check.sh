@@ -21,8 +21,12 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     [ -z "$PY" ] && PY=python3
     mkdir -p benchmarks/wheelhouse
     rm -f benchmarks/wheelhouse/*.whl
+    # for the device machine's interpreter (CPython 3.12, x86-64 Linux); all but wcwidth are pure Python anyway
     grep -v '^\s*#' benchmarks/gpu_wheels.txt | grep -v '^\s*$' |
-        xargs "$PY" -m pip download --no-deps --only-binary=:all: -d benchmarks/wheelhouse || exit 1
+        xargs "$PY" -m pip download --no-deps --only-binary=:all: --implementation cp \
+            --python-version "${GPU_CHECK_WHEEL_PYTHON:-3.12}" --platform manylinux_2_28_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any \
+            -d benchmarks/wheelhouse || exit 1
     if [ -d .git ] && ! grep -qx '/benchmarks/wheelhouse/' .git/info/exclude 2>/dev/null; then
         mkdir -p .git/info && echo '/benchmarks/wheelhouse/' >> .git/info/exclude
     fi

@@ -80,7 +80,8 @@ def extrapolate(rows: list[dict[str, Any]], full_layers: int) -> dict[str, Any] 
     image_ms, text_ms = M.linear_fit(images, full_layers), M.linear_fit(texts, full_layers)
     deepest = measured[max(measured)]
     return {"label": deepest["label"], "layers": full_layers, "extrapolated": True,
-            "method": f"linear fit of time over {sorted(measured)} layers", "image_ms": round(image_ms, 3),
+            "method": f"linear fit of time over {sorted(measured)} layers", "image_batch": deepest["image_batch"],
+            "text_batch": deepest["text_batch"], "image_ms": round(image_ms, 3),
             "text_ms": round(text_ms, 3), "images_per_s": C.sig(deepest["image_batch"] / (image_ms / 1e3)),
             "texts_per_s": C.sig(deepest["text_batch"] / (text_ms / 1e3))}
 
@@ -105,7 +106,8 @@ def measure_clip(name: str, sizes: dict[str, Any], device: str) -> dict[str, Any
         image_ms = time_ms(lambda: model.encode_image(images), device)
         text_ms = time_ms(lambda: model.encode_text(tokens), device)
     toy = ", toy size" if sizes["clip_kwargs"] else ""
-    row = {"label": f"open_clip {name} (random init{toy})", "image_batch": sizes["images"], "text_batch": sizes["texts"],
+    row = {"label": f"open_clip {name} (random init{toy})", "image_batch": sizes["images"],
+           "text_batch": sizes["texts"],
            "image_size": image_size, "text_tokens": context, "build_seconds": round(time.time() - start, 1),
            "image_ms": round(image_ms, 3), "text_ms": round(text_ms, 3),
            "images_per_s": C.sig(sizes["images"] / (image_ms / 1e3)),

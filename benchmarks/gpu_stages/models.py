@@ -169,8 +169,8 @@ def llm_dims(model) -> dict[str, int]:
     text = getattr(cfg, "text_config", cfg)
     heads = int(text.num_attention_heads)
     head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
-    return {"hidden": int(text.hidden_size), "attn_width": heads * head_dim, "vocab": int(model.embedding.num_embeddings),
-            "layer_params": layer_matmul_params(model)}
+    return {"hidden": int(text.hidden_size), "attn_width": heads * head_dim,
+            "vocab": int(model.embedding.num_embeddings), "layer_params": layer_matmul_params(model)}
 
 
 def vision_forward_flops(model, device: str) -> float:

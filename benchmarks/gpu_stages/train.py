@@ -47,7 +47,7 @@ def peaks_from_context(context: dict[str, Any]) -> dict[str, float | None]:
 
 def utilisation(flops: float, seconds: float, peaks: dict[str, float | None]) -> dict[str, float | None]:
     achieved = flops / seconds / 1e12
-    return {"tflops_per_s": round(achieved, 2),
+    return {"tflops_per_s": C.sig(achieved),
             "mfu": round(achieved / peaks["datasheet_tflops"], 4) if peaks["datasheet_tflops"] else None,
             "mfu_vs_measured_matmul": (round(achieved / peaks["measured_tflops"], 4)
                                        if peaks["measured_tflops"] else None)}
