@@ -21,6 +21,7 @@ reference backend implements them in chunked torch; the Triton backend in :mod:`
 """
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import torch
@@ -39,8 +40,32 @@ class Backend(Protocol):
 
     def backward_system(self, a: Tensor, b: Tensor, row: Tensor, col: Tensor | None, scale: Tensor, grad: Tensor,
                         coef: float, n_diag: int, offset: int, need_a: bool, need_b: bool, need_scale: bool,
-                        chunk: int | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-        """Gradients through ``sum_ij G_ij s_ij`` with ``G = coef * (P_row [+ P_col] - n_diag * onehot(offset))``."""
+                        chunk: int | None, out_dtype: torch.dtype
+                        ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Gradients through ``sum_ij G_ij s_ij`` with ``G = coef * (P_row [+ P_col] - n_diag * onehot(offset))``,
+        times the upstream ``grad``; dA, dB in ``out_dtype`` (the features' dtype, which autocast may have lowered
+        for the computation)."""
+
+
+G_STORE_MAX_EXPONENT = 14  # 2^e |G| <= 2^14: fp16's largest finite value is 65504 ~ 2^16
+
+
+def g_store_scale(coef: float, n_diag: int) -> float:
+    """Power of two ``2^e`` by which the backward scales G before storing it in a 16-bit dtype.
+
+    ``|G_ij| = |coef (P_ij [+ Q_ij]) - n_diag coef delta_ij| <= n_diag * coef`` (P, Q in [0, 1]). Choosing the largest
+    ``2^e`` with ``2^e n_diag coef <= 2^14`` puts the largest possible entry just under fp16's range whatever N is,
+    so entries down to 2^-24 below it stay normal fp16 numbers, and nothing that is rounded to 16 bits depends on the
+    upstream gradient (GradScaler's 2^16) or on ``logit_scale``: those multiply the fp32 product afterwards, as
+    ``grad * scale / 2^e``, which is exact for powers of two. bf16 has fp32's range and is unaffected either way.
+    """
+    bound = n_diag * coef
+    if not bound > 0:
+        raise ValueError(f"G bound must be positive, got {bound}")
+    mantissa, exponent = math.frexp(bound)  # bound = mantissa * 2^exponent, mantissa in [0.5, 1)
+    if mantissa == 0.5:  # bound is a power of two itself
+        exponent -= 1
+    return math.ldexp(1.0, G_STORE_MAX_EXPONENT - exponent)
 
 
 def merge_stats(maxes: Tensor, logsums: Tensor, dim: int = 0) -> Tensor:
@@ -82,7 +107,16 @@ def _shifted_exp_(s: Tensor, shift: Tensor, logsum: Tensor | None = None) -> Ten
 
 class ReferenceBackend:
     """Pure torch, chunked over rows: O(chunk * N) temporaries (at most three [chunk, N] fp32 buffers) on top of
-    the gradients themselves. Every elementwise step runs in place, so the memory bound is the chunk, not N^2."""
+    the gradients themselves. Every elementwise step runs in place, so the memory bound is the chunk, not N^2.
+
+    ``g_dtype`` (default None: G stays fp32) rounds each G chunk to that dtype after the :func:`g_store_scale`
+    normalisation, exactly where the Triton backward stores it, and runs the products on the rounded values in fp32
+    (what tensor cores compute). Tests use it to check the Triton path's rounding order at sizes the interpreter
+    cannot reach.
+    """
+
+    def __init__(self, g_dtype: torch.dtype | None = None):
+        self.g_dtype = g_dtype
 
     def forward_stats(self, a, b, scale, offset, col_stats, chunk):
         n, m = a.shape[0], b.shape[0]
@@ -105,14 +139,16 @@ class ReferenceBackend:
                 col = merge_stats(torch.stack([col[0], c_max]), torch.stack([col[1], c_log]))
         return row, pos, col
 
-    def backward_system(self, a, b, row, col, scale, grad, coef, n_diag, offset, need_a, need_b, need_scale, chunk):
+    def backward_system(self, a, b, row, col, scale, grad, coef, n_diag, offset, need_a, need_b, need_scale, chunk,
+                        out_dtype):
         n, m = a.shape[0], b.shape[0]
         chunk = chunk or default_chunk(a.shape[1])
         b32 = b.float()
-        da = torch.empty_like(a) if need_a else None
+        da = torch.empty(a.shape, dtype=out_dtype, device=a.device) if need_a else None
         db32 = torch.zeros(m, b.shape[1], dtype=torch.float32, device=b.device) if need_b else None
         dscale = torch.zeros((), dtype=torch.float32, device=a.device)
-        gscale = grad * scale  # d logits -> d features carries the scale
+        g_scale = g_store_scale(coef, n_diag) if self.g_dtype is not None else 1.0
+        alpha = grad * scale / g_scale  # d logits -> d features carries the scale (and undoes the G normalisation)
         for r0 in range(0, n, chunk):
             a32 = a[r0:r0 + chunk].float()
             x = a32 @ b32.T  # [c, m] unscaled dot products
@@ -126,21 +162,36 @@ class ReferenceBackend:
             if need_scale:
                 dscale += torch.dot(p.view(-1), x.view(-1))
             del x
+            if self.g_dtype is not None:  # the Triton backward's 16-bit G: 2^e G rounded, products in fp32
+                p = p.mul_(g_scale).to(self.g_dtype).float()
             if need_a:
-                da[r0:r0 + c] = (p @ b32).mul_(gscale).to(a.dtype)
+                da[r0:r0 + c] = (p @ b32).mul_(alpha).to(out_dtype)
             if need_b:
                 db32.addmm_(p.T, a32)
-        db = db32.mul_(gscale).to(b.dtype) if need_b else None
+        db = db32.mul_(alpha).to(out_dtype) if need_b else None
         return da, db, (dscale * grad if need_scale else None)
 
 
+def _prepare(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Features in the compute dtype with unit stride along D (rows may keep any stride): kernels index D directly."""
+    if t is None:
+        return None
+    t = t.to(dtype)
+    return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
+
+
 class ContrastiveLossFunction(torch.autograd.Function):
-    """(backend, chunk, label_offset, logit_scale, image, text, all_image | None, all_text | None) -> fp32 loss."""
+    """(backend, chunk, label_offset, compute_dtype, logit_scale, image, text, all_image | None, all_text | None)
+    -> fp32 loss. The features are cast to ``compute_dtype`` (autocast's dtype, or their own) for the logits; the
+    gradients come back in the features' own dtype, computed from fp32 accumulators (never rounded to the compute
+    dtype on the way)."""
 
     @staticmethod
-    def forward(ctx, backend, chunk, label_offset, logit_scale, image, text, all_image, all_text):
+    def forward(ctx, backend, chunk, label_offset, compute_dtype, logit_scale, image, text, all_image, all_text):
         scale = logit_scale.detach().to(torch.float32).reshape(())
         n = image.shape[0]
+        ctx.out_dtype = image.dtype
+        image, text, all_image, all_text = (_prepare(t, compute_dtype) for t in (image, text, all_image, all_text))
         with torch.autocast(image.device.type, enabled=False):
             if all_image is None:
                 row, pos, col = backend.forward_stats(image, text, scale, 0, True, chunk)
@@ -157,27 +208,29 @@ class ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        need = ctx.needs_input_grad
-        backend, chunk = ctx.backend, ctx.chunk
+        need = ctx.needs_input_grad  # (backend, chunk, offset, dtype, scale, image, text, all_image, all_text)
+        backend, chunk, out = ctx.backend, ctx.chunk, ctx.out_dtype
         grad = grad_loss.detach().to(torch.float32).reshape(())
         with torch.autocast(grad.device.type, enabled=False):
             if not ctx.local:
                 image, text, scale, row, col = ctx.saved_tensors
                 coef = 1.0 / (2 * image.shape[0])
                 d_img, d_txt, dscale = backend.backward_system(
-                    image, text, row, col, scale, grad, coef, 2, 0, need[4], need[5], need[3], chunk)
+                    image, text, row, col, scale, grad, coef, 2, 0, need[5], need[6], need[4], chunk, out)
                 d_all_img = d_all_txt = None
             else:
                 image, text, all_image, all_text, scale, row1, row2 = ctx.saved_tensors
                 coef = 1.0 / (2 * image.shape[0])
                 d_img, d_all_txt, ds1 = backend.backward_system(
-                    image, all_text, row1, None, scale, grad, coef, 1, ctx.offset, need[4], need[7], need[3], chunk)
+                    image, all_text, row1, None, scale, grad, coef, 1, ctx.offset, need[5], need[8], need[4], chunk,
+                    out)
                 d_txt, d_all_img, ds2 = backend.backward_system(
-                    text, all_image, row2, None, scale, grad, coef, 1, ctx.offset, need[5], need[6], need[3], chunk)
-                dscale = ds1 + ds2 if need[3] else None
+                    text, all_image, row2, None, scale, grad, coef, 1, ctx.offset, need[6], need[7], need[4], chunk,
+                    out)
+                dscale = ds1 + ds2 if need[4] else None
         if dscale is not None:
             dscale = dscale.reshape(ctx.scale_shape).to(ctx.scale_dtype)
-        return None, None, None, dscale, d_img, d_txt, d_all_img, d_all_txt
+        return None, None, None, None, dscale, d_img, d_txt, d_all_img, d_all_txt
 
 
 def _triton_backend():
@@ -187,10 +240,25 @@ def _triton_backend():
 
 
 def _run(backend_factory):
-    def run(image, text, logit_scale, all_image, all_text, label_offset, chunk):
-        return ContrastiveLossFunction.apply(backend_factory(), chunk, label_offset, logit_scale, image, text,
-                                             all_image, all_text)
+    def run(image, text, logit_scale, all_image, all_text, label_offset, chunk, compute_dtype):
+        return ContrastiveLossFunction.apply(backend_factory(), chunk, label_offset, compute_dtype, logit_scale, image,
+                                             text, all_image, all_text)
     return run
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def compute_dtype(features: Tensor) -> torch.dtype:
+    """The dtype the logits are computed from: autocast's lower-precision dtype when autocast is on for the
+    features' device (as it is for ClipLoss's matmuls, so ``torch.autocast(dtype=torch.bfloat16)`` runs the kernels
+    in bf16 on tensor cores), else the features' own dtype. Accumulation, logits and the loss stay fp32."""
+    device = features.device.type
+    if features.dtype in _AUTOCAST_ELIGIBLE and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype in (torch.float16, torch.bfloat16):
+            return dtype
+    return features.dtype
 
 
 def _triton_contrastive_reasons(image, text, logit_scale, all_image, all_text) -> list[str]:
@@ -275,6 +343,12 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
         chunk_size: rows per chunk of the backward (and reference) passes; default from a memory budget.
         impl: ``"auto"`` (Triton on CUDA tensors, reference elsewhere), ``"triton"`` or ``"reference"``.
 
+    Precision (kernels/README.md, "Precision modes"): the logits are products of the features in the compute dtype
+    (:func:`compute_dtype`: autocast's 16-bit dtype inside ``torch.autocast``, else the features' dtype) accumulated
+    in fp32; an fp32 product is IEEE unless torch allows TF32 for CUDA matmuls (``allow_tf32`` /
+    ``set_float32_matmul_precision("high")``), as for cuBLAS. Log-sum-exps, the loss and every accumulator are fp32;
+    gradients come back in the features' own dtype.
+
     Returns:
         0-d float32 loss.
     """
@@ -285,7 +359,7 @@ def contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale:
     chosen = CONTRASTIVE_LOSS.select(impl, image_features, text_features, scale, all_image_features,
                                      all_text_features)
     loss = chosen.fn(image_features, text_features, scale, all_image_features, all_text_features, int(label_offset),
-                     chunk_size)
+                     chunk_size, compute_dtype(image_features))
     if isinstance(logit_bias, Tensor):
         if logit_bias.numel() != 1:
             raise ValueError(f"logit_bias must be a scalar (one element), got shape {tuple(logit_bias.shape)}; "

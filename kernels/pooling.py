@@ -2,8 +2,14 @@
 valid token, found from the attention mask so that left, right and mixed padding all work.
 
 ``last_token_index`` defines "last valid": the highest position whose mask entry is nonzero. A row with no
-nonzero entry has no token to pool; that is an input error and raises ``ValueError`` naming the rows (checking
-costs one host-device sync per call).
+nonzero entry has no token to pool; that is an input error. ``last_token_index`` always raises ``ValueError`` naming
+the rows; ``last_token_pool`` raises where the check is free (CPU tensors) and, on CUDA, returns a NaN row instead
+unless ``check=True``: the check needs the device's answer on the host, a sync per call that a training step
+should not pay (the model's sequences always end in prompt tokens, so its masks have no empty rows).
+
+``impl="auto"`` runs the torch path on every device: the Triton kernel does the same reads and writes in one launch
+instead of about nine, which saves some tens of microseconds per call, nothing measurable next to the LLM forward
+it follows (kernels/README.md, "Last-token pooling: is the kernel worth it"). ``impl="triton"`` runs it.
 """
 from __future__ import annotations
 
@@ -36,38 +42,60 @@ def _raise_empty_rows(idx: Tensor) -> None:
                          "every sequence needs at least one attended token")
 
 
+def _last_index(mask: Tensor) -> Tensor:
+    """[B, T] -> [B] int64: the highest position with a nonzero entry, -1 for an all-zero row (no host sync)."""
+    if mask.shape[1] == 0:
+        return torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return torch.where(mask != 0, positions, -1).amax(dim=1)
+
+
 def last_token_index(mask: Tensor) -> Tensor:
     """Index of the last nonzero entry of each mask row. [B, T] (any dtype) -> LongTensor [B].
 
     Padding-side agnostic: ``[0, 0, 1, 1] -> 3``, ``[1, 1, 0, 0] -> 1``, ``[0, 1, 1, 0] -> 2``.
-    Raises ``ValueError`` if a row is all zeros.
+    Raises ``ValueError`` if a row is all zeros (one host sync on CUDA).
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    idx = torch.where(mask != 0, positions, -1).amax(dim=1) if mask.shape[1] else \
-        torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
+    idx = _last_index(mask)
     _raise_empty_rows(idx)
     return idx
 
 
-def last_token_pool_ref(hidden: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
-    """Pure-torch reference (and CPU path): hidden [B, T, D], mask [B, T] -> [B, D] in hidden's dtype.
+def should_check(check: bool | None, t: Tensor) -> bool:
+    """``check=None``: check for empty rows only where it costs no host sync (tensors not on a CUDA device)."""
+    return (not t.is_cuda) if check is None else bool(check)
 
-    The norm is taken in fp32 (``F.normalize`` semantics, eps 1e-12); autograd provides the backward.
+
+def last_token_pool_ref(hidden: Tensor, mask: Tensor, normalize: bool = True, check: bool | None = None) -> Tensor:
+    """Pure-torch path: hidden [B, T, D], mask [B, T] -> [B, D] in hidden's dtype.
+
+    The norm is taken in fp32 (``F.normalize`` semantics, eps 1e-12); autograd provides the backward, and saves the
+    [B] indices and the pooled [B, D] rows, never ``hidden``. An all-zero mask row raises (``check``, see
+    :func:`should_check`) or gives a NaN row.
     """
     _check_inputs(hidden, mask)
-    idx = last_token_index(mask)
-    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    idx = _last_index(mask)
+    checked = should_check(check, mask)
+    if checked:
+        _raise_empty_rows(idx)
+    pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx.clamp(min=0)]
     if normalize:
         pooled = F.normalize(pooled.float(), dim=-1, eps=NORM_EPS).to(hidden.dtype)
+    if not checked:
+        pooled = torch.where((idx >= 0)[:, None], pooled, torch.full_like(pooled[:1], float("nan")))
     return pooled
 
 
-def _last_token_pool_triton(hidden: Tensor, mask: Tensor, normalize: bool = True) -> Tensor:
+def _last_token_pool_triton(hidden: Tensor, mask: Tensor, normalize: bool = True, check: bool | None = None
+                            ) -> Tensor:
     from . import pooling_triton
 
-    return pooling_triton.LastTokenPoolFunction.apply(hidden, mask, normalize)
+    out, idx = pooling_triton.LastTokenPoolFunction.apply(hidden, mask, normalize)
+    if should_check(check, mask):
+        _raise_empty_rows(idx)
+    return out
 
 
 def _triton_pool_reasons(hidden: Tensor, mask: Tensor, normalize: bool = True) -> list[str]:
@@ -78,22 +106,27 @@ def _triton_pool_reasons(hidden: Tensor, mask: Tensor, normalize: bool = True) -
 
 
 LAST_TOKEN_POOL = OpRegistry("last_token_pool")
+# the torch path first: auto takes it everywhere (the kernel saves nothing measurable, see the module docstring)
+LAST_TOKEN_POOL.register("reference", last_token_pool_ref, no_reasons)
 LAST_TOKEN_POOL.register("triton", _last_token_pool_triton, _triton_pool_reasons,
                          lambda hidden, mask, *_: interpreter_only_reasons((hidden, mask)))
-LAST_TOKEN_POOL.register("reference", last_token_pool_ref, no_reasons)
 
 
-def last_token_pool(hidden: Tensor, mask: Tensor, normalize: bool = True, impl: str = "auto") -> Tensor:
-    """Hidden state of each row's last valid token, optionally L2-normalised, in one kernel on GPU.
+def last_token_pool(hidden: Tensor, mask: Tensor, normalize: bool = True, impl: str = "auto",
+                    check: bool | None = None) -> Tensor:
+    """Hidden state of each row's last valid token, optionally L2-normalised.
 
     Args:
         hidden: [B, T, D] hidden states (fp32, fp16 or bf16; any strides).
         mask: [B, T] attention mask (bool, int or float; nonzero = attended). Left, right or mixed padding.
         normalize: divide by ``max(||x||, 1e-12)`` computed in fp32.
-        impl: ``"auto"`` (Triton on CUDA tensors, reference elsewhere), ``"triton"`` or ``"reference"``.
+        impl: ``"auto"`` (the torch path, on every device), ``"triton"`` (one kernel; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``) or ``"reference"``.
+        check: raise ``ValueError`` on a mask row with no nonzero entry. None (default): only where that costs no
+            host sync (CPU tensors); on CUDA such a row comes back as NaN. True: always (one sync). False: never.
 
     Returns:
-        [B, D] in hidden's dtype; differentiable w.r.t. ``hidden``.
+        [B, D] in hidden's dtype; differentiable w.r.t. ``hidden``. Neither path keeps ``hidden`` alive for backward.
     """
     _check_inputs(hidden, mask)
-    return LAST_TOKEN_POOL.select(impl, hidden, mask, normalize).fn(hidden, mask, normalize)
+    return LAST_TOKEN_POOL.select(impl, hidden, mask, normalize).fn(hidden, mask, normalize, check)

@@ -1,7 +1,8 @@
 """Triton last-token pooling + L2 norm: one program per row finds the last nonzero mask entry, gathers that
-hidden state and normalises it in fp32; the backward writes ``dx = r * (g - y <y, g>)`` at the pooled position.
+hidden state and normalises it in fp32; the backward writes ``dx = r * (g - y <y, g>)`` at the pooled position,
+from the saved output, norms and indices (O(B) saved; ``hidden`` is not kept alive).
 
-Imported lazily by :mod:`.pooling`; the derivation is in kernels/README.md.
+Imported lazily by :mod:`.pooling` (``impl="triton"``); the derivation is in kernels/README.md.
 """
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_common import INTERPRET, device_guard, next_pow2
-from .pooling import NORM_EPS, _raise_empty_rows
+from ._triton_common import INTERPRET, cast_rtne, device_guard, launch, next_pow2
+from .pooling import NORM_EPS
+from .pooling import _last_index as _last_index_torch
 
 
 @triton.jit
-def _last_index(MASK, row, T, stride_mb, stride_mt, BLOCK_T: tl.constexpr):
+def _mask_last_index(MASK, row, T, stride_mb, stride_mt, BLOCK_T: tl.constexpr):
     best = tl.full([BLOCK_T], -1, dtype=tl.int64)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # [BT]
@@ -25,24 +27,26 @@ def _last_index(MASK, row, T, stride_mb, stride_mt, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def last_token_pool_fwd_kernel(
-    H, MASK, OUT, IDX, T, D,
+    H, MASK, OUT, IDX, NORM, T, D,
     stride_hb, stride_ht, stride_hd, stride_mb, stride_mt, stride_ob,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    last = _last_index(MASK, row, T, stride_mb, stride_mt, BLOCK_T)
+    last = _mask_last_index(MASK, row, T, stride_mb, stride_mt, BLOCK_T)
     tl.store(IDX + row, last)
-    src = H + row * stride_hb + tl.maximum(last, 0) * stride_ht
+    src = H + row * stride_hb + tl.maximum(last, 0) * stride_ht  # int64: B * T * D may pass 2^31
     dst = OUT + row * stride_ob
-    # a row with no valid token gets NaN (the host raises on it before anyone can use the output)
+    # a row with no valid token gets NaN (the host raises on it when the caller asked for the check)
     bad = tl.where(last >= 0, 1.0, float("nan"))
     if D <= BLOCK_D:  # the whole row in registers: read it once
         offs_d = tl.arange(0, BLOCK_D)
         x = tl.load(src + offs_d * stride_hd, mask=offs_d < D, other=0.0).to(tl.float32)  # [BD]
         scale = bad
         if NORMALIZE:
-            scale = bad / tl.maximum(tl.sqrt(tl.sum(x * x, axis=0)), EPS)
-        tl.store(dst + offs_d, (x * scale).to(OUT.dtype.element_ty), mask=offs_d < D)
+            norm = tl.sqrt(tl.sum(x * x, axis=0))
+            tl.store(NORM + row, norm)
+            scale = bad / tl.maximum(norm, EPS)
+        tl.store(dst + offs_d, cast_rtne(x * scale, OUT.dtype.element_ty), mask=offs_d < D)
     else:
         scale = bad
         if NORMALIZE:
@@ -51,55 +55,50 @@ def last_token_pool_fwd_kernel(
                 offs_d = d0 + tl.arange(0, BLOCK_D)
                 x = tl.load(src + offs_d * stride_hd, mask=offs_d < D, other=0.0).to(tl.float32)
                 ss += x * x
-            scale = bad / tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), EPS)
+            norm = tl.sqrt(tl.sum(ss, axis=0))
+            tl.store(NORM + row, norm)
+            scale = bad / tl.maximum(norm, EPS)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             x = tl.load(src + offs_d * stride_hd, mask=offs_d < D, other=0.0).to(tl.float32)
-            tl.store(dst + offs_d, (x * scale).to(OUT.dtype.element_ty), mask=offs_d < D)
+            tl.store(dst + offs_d, cast_rtne(x * scale, OUT.dtype.element_ty), mask=offs_d < D)
 
 
 @triton.jit
 def last_token_pool_bwd_kernel(
-    H, IDX, G, DH, D,
-    stride_hb, stride_ht, stride_hd, stride_gb, stride_gd, stride_db, stride_dt,
+    Y, NORM, IDX, G, DH, D,
+    stride_yb, stride_gb, stride_gd, stride_db, stride_dt,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """From the saved output y = x r (r = 1 / max(|x|, eps)) and |x|: dx = r (g - y <y, g>), written at the pooled
+    position; the rest of d hidden is the caller's zero fill. Rows with no valid token (idx -1) write nothing."""
     row = tl.program_id(0).to(tl.int64)
     last = tl.load(IDX + row)
-    src = H + row * stride_hb + last * stride_ht
+    ok = last >= 0
     grd = G + row * stride_gb
-    dst = DH + row * stride_db + last * stride_dt
+    ysrc = Y + row * stride_yb
+    dst = DH + row * stride_db + tl.maximum(last, 0) * stride_dt  # int64
     if not NORMALIZE:
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             g = tl.load(grd + offs_d * stride_gd, mask=offs_d < D, other=0.0)
-            tl.store(dst + offs_d, g.to(DH.dtype.element_ty), mask=offs_d < D)
-    elif D <= BLOCK_D:
-        offs_d = tl.arange(0, BLOCK_D)
-        x = tl.load(src + offs_d * stride_hd, mask=offs_d < D, other=0.0).to(tl.float32)
-        g = tl.load(grd + offs_d * stride_gd, mask=offs_d < D, other=0.0).to(tl.float32)
-        norm = tl.sqrt(tl.sum(x * x, axis=0))
-        rnorm = 1.0 / tl.maximum(norm, EPS)
-        # y = x r, r = 1/max(|x|, eps):  dx = r g - r^3 x <x, g>  (the second term vanishes when |x| < eps)
-        coef = tl.where(norm > EPS, rnorm * rnorm * rnorm * tl.sum(x * g, axis=0), 0.0)
-        tl.store(dst + offs_d, (rnorm * g - coef * x).to(DH.dtype.element_ty), mask=offs_d < D)
+            tl.store(dst + offs_d, cast_rtne(g.to(tl.float32), DH.dtype.element_ty), mask=(offs_d < D) & ok)
     else:
-        ss = tl.zeros([BLOCK_D], dtype=tl.float32)
-        xg = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(src + offs_d * stride_hd, mask=offs_d < D, other=0.0).to(tl.float32)
-            g = tl.load(grd + offs_d * stride_gd, mask=offs_d < D, other=0.0).to(tl.float32)
-            ss += x * x
-            xg += x * g
-        norm = tl.sqrt(tl.sum(ss, axis=0))
+        norm = tl.load(NORM + row)
         rnorm = 1.0 / tl.maximum(norm, EPS)
-        coef = tl.where(norm > EPS, rnorm * rnorm * rnorm * tl.sum(xg, axis=0), 0.0)
+        yg = tl.zeros([BLOCK_D], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
-            x = tl.load(src + offs_d * stride_hd, mask=offs_d < D, other=0.0).to(tl.float32)
+            y = tl.load(ysrc + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
             g = tl.load(grd + offs_d * stride_gd, mask=offs_d < D, other=0.0).to(tl.float32)
-            tl.store(dst + offs_d, (rnorm * g - coef * x).to(DH.dtype.element_ty), mask=offs_d < D)
+            yg += y * g
+        # below eps, r = 1/eps is a constant and the projection term vanishes (autograd through F.normalize agrees)
+        proj = tl.where(norm > EPS, tl.sum(yg, axis=0), 0.0)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            y = tl.load(ysrc + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+            g = tl.load(grd + offs_d * stride_gd, mask=offs_d < D, other=0.0).to(tl.float32)
+            tl.store(dst + offs_d, cast_rtne(rnorm * (g - y * proj), DH.dtype.element_ty), mask=(offs_d < D) & ok)
 
 
 def _block_d(dim: int) -> int:
@@ -118,42 +117,50 @@ def _as_loadable_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 class LastTokenPoolFunction(torch.autograd.Function):
-    """hidden [B, T, D], mask [B, T] -> [B, D]; saves hidden (no copy) and the [B] indices for backward."""
+    """hidden [B, T, D], mask [B, T] -> (pooled [B, D], idx [B] int64, not differentiable).
+
+    Saves for backward the [B] indices, the [B] fp32 norms and the output itself (the caller holds it anyway):
+    O(B) extra memory, never ``hidden``. No host sync: empty rows come back as NaN with idx -1.
+    """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, mask: torch.Tensor, normalize: bool) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, mask: torch.Tensor, normalize: bool):
         b, t, d = hidden.shape
         out = torch.empty(b, d, dtype=hidden.dtype, device=hidden.device)
         idx = torch.empty(b, dtype=torch.int64, device=hidden.device)
+        norm = torch.empty(b if normalize else 1, dtype=torch.float32, device=hidden.device)
         if b and d:
             m = _as_loadable_mask(mask)
             block_d = _block_d(d)
+            # mask rows are scanned 512 entries at a time: 1024 made ptxas spill in one fp32 variant (aot.py)
             with device_guard(hidden):
-                last_token_pool_fwd_kernel[(b,)](
-                    hidden, m, out, idx, t, d,
-                    hidden.stride(0), hidden.stride(1), hidden.stride(2), m.stride(0), m.stride(1), out.stride(0),
-                    NORMALIZE=normalize, EPS=NORM_EPS, BLOCK_T=min(next_pow2(max(t, 1)), 1024), BLOCK_D=block_d,
-                    num_warps=_num_warps(block_d),
-                )
-            _raise_empty_rows(idx)
-        ctx.save_for_backward(hidden, idx)
-        ctx.normalize = normalize
-        return out
+                launch(last_token_pool_fwd_kernel, (b,),
+                       hidden, m, out, idx, norm, t, d,
+                       hidden.stride(0), hidden.stride(1), hidden.stride(2), m.stride(0), m.stride(1), out.stride(0),
+                       NORMALIZE=normalize, EPS=NORM_EPS, BLOCK_T=min(next_pow2(max(t, 1)), 512), BLOCK_D=block_d,
+                       num_warps=_num_warps(block_d))
+        elif b:
+            idx.copy_(_last_index_torch(mask))
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(out if normalize else None, norm if normalize else None, idx)
+        ctx.shape, ctx.dtype, ctx.normalize = (b, t, d), hidden.dtype, normalize
+        return out, idx
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        hidden, idx = ctx.saved_tensors
+    def backward(ctx, grad_out: torch.Tensor, _grad_idx=None):
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        b, t, d = hidden.shape
-        grad_hidden = torch.zeros(b, t, d, dtype=hidden.dtype, device=hidden.device)
+        out, norm, idx = ctx.saved_tensors
+        b, t, d = ctx.shape
+        # the dense zero fill is the only large write, and a dense gradient of hidden needs it
+        grad_hidden = torch.zeros(b, t, d, dtype=ctx.dtype, device=grad_out.device)
         if b and d:
             block_d = _block_d(d)
-            with device_guard(hidden):
-                last_token_pool_bwd_kernel[(b,)](
-                    hidden, idx, grad_out, grad_hidden, d,
-                    hidden.stride(0), hidden.stride(1), hidden.stride(2), grad_out.stride(0), grad_out.stride(1),
-                    grad_hidden.stride(0), grad_hidden.stride(1),
-                    NORMALIZE=ctx.normalize, EPS=NORM_EPS, BLOCK_D=block_d, num_warps=_num_warps(block_d),
-                )
+            y = out if out is not None else grad_out  # unused without normalisation
+            with device_guard(grad_out):
+                launch(last_token_pool_bwd_kernel, (b,),
+                       y, norm if norm is not None else grad_out, idx, grad_out, grad_hidden, d,
+                       y.stride(0), grad_out.stride(0), grad_out.stride(1), grad_hidden.stride(0),
+                       grad_hidden.stride(1),
+                       NORMALIZE=ctx.normalize, EPS=NORM_EPS, BLOCK_D=block_d, num_warps=_num_warps(block_d))
         return grad_hidden, None, None

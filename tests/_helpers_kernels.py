@@ -10,9 +10,12 @@ from vladva_openclip.kernels import triton_interpret
 # of ~100 carries ~1e-5 absolute error, and exp(s - lse) turns that into the same *relative* gradient error.
 # bf16: outputs (and the backward's G chunk) are rounded to bf16 (8 mantissa bits, relative step 2^-8 = 3.9e-3),
 # so the max error is a couple of bf16 ulps and the RMS error well under one.
+# fp16: the same two roundings with 11 mantissa bits (relative step 2^-11 = 4.9e-4); G is stored normalised so that
+# none of it underflows (kernels/README.md, "Precision modes"), so the bf16 reasoning carries over at 8x less.
 TOL = {
     torch.float32: {"max_rel": 5e-5, "rms_rel": 2e-5},
     torch.bfloat16: {"max_rel": 2e-2, "rms_rel": 6e-3},
+    torch.float16: {"max_rel": 4e-3, "rms_rel": 1e-3},
 }
 
 
@@ -39,6 +42,35 @@ def assert_close(name: str, actual: torch.Tensor, expected: torch.Tensor, dtype:
     mr, rr = max_rel(actual, expected), rms_rel(actual, expected)
     assert mr <= tol["max_rel"] and rr <= tol["rms_rel"], (
         f"{name} ({dtype}): max_rel={mr:.2e} (tol {tol['max_rel']:.0e}), rms_rel={rr:.2e} (tol {tol['rms_rel']:.0e})")
+
+
+def clip_grads_fp64(img: torch.Tensor, txt: torch.Tensor, scale: float, chunk: int = 1024
+                    ) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+    """ClipLoss (global, labels arange) and its gradients in float64, one [chunk, N] block at a time, so N = 8192
+    and beyond fit in memory. -> (loss, d image [N, D], d text [N, D], d logit_scale), on the given values."""
+    a, b = img.detach().double().cpu(), txt.detach().double().cpu()
+    n = a.shape[0]
+    row_lse = torch.empty(n, dtype=torch.float64)
+    col_lse = torch.full((n,), float("-inf"), dtype=torch.float64)
+    diag = (a * b).sum(1) * scale
+    for r0 in range(0, n, chunk):
+        s = scale * (a[r0:r0 + chunk] @ b.T)
+        row_lse[r0:r0 + chunk] = torch.logsumexp(s, 1)
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(s, 0))
+    loss = ((row_lse - diag).mean() + (col_lse - diag).mean()).item() / 2
+    da, db = torch.zeros_like(a), torch.zeros_like(b)
+    d_scale = 0.0
+    for r0 in range(0, n, chunk):
+        x = a[r0:r0 + chunk] @ b.T
+        s = scale * x
+        g = torch.exp(s - row_lse[r0:r0 + chunk, None]) + torch.exp(s - col_lse[None, :])
+        rows = torch.arange(g.shape[0])
+        g[rows, rows + r0] -= 2
+        g /= 2 * n
+        d_scale += (g * x).sum().item()
+        da[r0:r0 + chunk] = scale * (g @ b)
+        db += scale * (g.T @ a[r0:r0 + chunk])
+    return loss, da, db, d_scale
 
 
 def _interpret_device() -> str:
