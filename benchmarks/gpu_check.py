@@ -48,8 +48,7 @@ WHEELS_FILE = REPO / "benchmarks" / "gpu_wheels.txt"
 REQUIRED_MODULES = ("torch", "triton", "open_clip", "transformers", "peft", "timm", "ftfy", "pytest")
 # candidates for an interpreter that already has a CUDA torch (the device image's is /opt/torch/.venv)
 PYTHON_CANDIDATES = ("python3", "/opt/torch/.venv/bin/python3", "python")
-KERNEL_TEST_FILES = ("tests/test_kernels_contrastive.py", "tests/test_kernels_pooling.py",
-                     "tests/test_kernels_similarity.py")
+KERNEL_TESTS_GLOB = "tests/test_kernels_*.py"  # their `gpu` cases (dry run: `triton_interpret`) are stage parity
 
 
 @dataclass(frozen=True)
@@ -419,18 +418,25 @@ def measurement_errors(result: dict[str, Any]) -> tuple[int, int, str | None]:
     return total, failed, first
 
 
+def kernel_test_files() -> list[str]:
+    """The kernel test files as they are now (new ones join the parity stage without a change here)."""
+    return sorted(str(p.relative_to(REPO)) for p in REPO.glob(KERNEL_TESTS_GLOB))
+
+
 def stage_command(stage: Stage, runtime: Environment, work: Path, soft_deadline: float, dry_run: bool,
                   context: Path) -> tuple[list[str], dict[str, str]]:
     env = dict(runtime.env)
     if stage.name == "parity":
         env["GPU_CHECK_PYTEST_LOG"] = str(work / "parity.jsonl")
         if dry_run:
-            # toy size: the first few interpreter tests of the kernel files (the test suite runs them all anyway)
-            files, marker = list(KERNEL_TEST_FILES), "triton_interpret"
+            # toy size: the first few interpreter tests of the pooling kernel's file (quick to import and run; the
+            # test suite runs them all anyway)
+            pooling = [f for f in kernel_test_files() if f.endswith("_pooling.py")]
+            files, marker = pooling or kernel_test_files(), "triton_interpret"
             env["GPU_CHECK_PYTEST_MAX"] = "4"
         else:
             env["TRITON_INTERPRET"] = "0"  # tests/conftest.py defaults it to 1 when unset
-            files, marker = list(KERNEL_TEST_FILES), "gpu"
+            files, marker = kernel_test_files(), "gpu"
         cmd = [runtime.python, "-m", "pytest", "-q", "-rfE", "-p", "benchmarks.gpu_stages.pytest_record",
                "-p", "no:cacheprovider", "-m", marker, *files]
         if runtime.probe.get("pytest_timeout"):
@@ -692,11 +698,20 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown stage(s) {unknown}; choose from {list(STAGE_NAMES)}")
     out = output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    earlier = read_json(out / "gpu_check.json") if set(selected) != set(STAGE_NAMES) else None
     log = Log(out / "gpu_check.log")
+    if not earlier:
+        log.path.write_text("")
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     results: dict[str, Any] = {"schema": 1, "dry_run": args.dry_run, "started": now_iso(), "budget_s": args.budget,
                                "host": {"node": platform.node(), "cores": os.cpu_count()}, "stages": {},
                                "output_dir": str(out)}
+    if earlier and bool(earlier.get("dry_run")) == args.dry_run:
+        # A rerun of some stages: the other stages' results of the last run in this directory stay (and feed the
+        # rerun stages' context, e.g. env's measured peaks).
+        for name, entry in (earlier.get("stages") or {}).items():
+            if name in STAGE_NAMES and name not in selected:
+                results["stages"][name] = {**entry, "status": f"{entry.get('status')} (run {earlier.get('started')})"}
 
     def flush() -> None:
         results["elapsed_s"] = round(time.time() - start, 1)
@@ -716,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         left = deadline - FINAL_RESERVE_S - time.time()
         entry: dict[str, Any] = {"title": stage.title}
         results["stages"][stage.name] = entry
+        results["stages"] = {s.name: results["stages"][s.name] for s in STAGES if s.name in results["stages"]}
         if runtime is None:
             entry["status"] = "not run: install failed"
             flush()

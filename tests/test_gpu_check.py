@@ -230,3 +230,18 @@ def test_project_link_installs_kernels_as_a_subpackage(tmp_path):
     assert pkg_file.startswith(str(tmp_path)) and kernels_file == str(tmp_path / "vladva_openclip" / "kernels" /
                                                                       "__init__.py")
     assert name == "last_token_pool"
+
+
+def test_rerun_of_some_stages_keeps_the_others(tmp_path, capsys):
+    earlier = {"dry_run": True, "started": "earlier", "stages": {
+        "kernels": {"status": "ok", "result": {"loss": [], "pooling": [], "complete": True}},
+        "infer": {"status": "timeout: killed after 60 s", "result": {"models": []}}}}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(earlier))
+    # a budget too small to start the rerun stage: it is recorded as skipped, the others are carried over
+    assert gpu_check.main(["--dry-run", "--stages", "env", "--budget", "3", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(results["stages"]) == ["env", "kernels", "infer"]
+    assert results["stages"]["env"]["status"].startswith("skipped")
+    assert results["stages"]["kernels"]["status"] == "ok (run earlier)"
+    assert results["stages"]["infer"]["status"].startswith("timeout")
+    assert "### GPU check (DRY RUN" in capsys.readouterr().out
