@@ -5,7 +5,7 @@ vectors, points = centre + isotropic noise, re-normalised). The database is writ
 clip-retrieval's layout (float16, as `vladva embed` writes it) and indexed by the project's own `build_index`; the
 queries are fresh points of the same mixture, not in the database, and the reference is exact inner-product search.
 
-    python -m benchmarks.bench_index                      # 100k x 256, 1000 queries: flat, hnsw, ivfpq, auto
+    python -m benchmarks.bench_index       # 100k x 256, 1000 queries: flat, hnsw, ivfpq (+ SQ8 re-rank), PQ only, auto
     python -m benchmarks.bench_index --n 20000 --types hnsw ivfpq --threads 2
 """
 from __future__ import annotations
@@ -50,7 +50,9 @@ def measure(folder: Path, out: Path, index_type: str, queries: np.ndarray, exact
             config: dict) -> dict:
     faiss = import_faiss()
     t0 = time.perf_counter()
-    meta = build_index(folder, out / index_type, "image", IndexConfig(index_type=index_type, **config))
+    kind, _, variant = index_type.partition("-")  # "ivfpq-norefine": PQ codes only
+    meta = build_index(folder, out / index_type, "image",
+                       IndexConfig(index_type=kind, refine=False if variant == "norefine" else None, **config))
     build = time.perf_counter() - t0
     index = faiss.read_index(str(out / index_type / "image.index"))
     for name, value in meta["search_params"].items():  # the tuned knob is not stored in the index file
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--queries", type=int, default=1000)
-    p.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivfpq", "auto"])
+    p.add_argument("--types", nargs="+", default=["flat", "hnsw", "ivfpq", "ivfpq-norefine", "auto"])
     p.add_argument("--flat-threshold", type=int, default=50_000, help="for the auto row")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "index.json")

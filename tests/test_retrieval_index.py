@@ -37,6 +37,9 @@ def test_choice_by_size_and_memory():
     big = choose_index(10_000_000, 4096, cfg)
     assert big.index_type == "ivfpq" and big.factory == "IVF16384,PQ64" and big.memory_bytes <= parse_bytes("1G")
     assert big.params == {"nlist": 16384, "pq_m": 64, "pq_bits": 8}
+    refined = choose_index(1_000_000, 512, IndexConfig(max_memory="1G"))  # fp32 (1.9G) does not fit, SQ8 does
+    assert refined.factory == "IVF4096,PQ64,Refine(SQ8)" and refined.params["k_factor"] == 8
+    assert refined.memory_bytes <= parse_bytes("1G")
     tight = choose_index(10_000_000, 4096, IndexConfig(max_memory="200M"))
     assert tight.params["pq_m"] < 64 and 4096 % tight.params["pq_m"] == 0
     assert choose_index(50, 8, IndexConfig(index_type="ivfpq")).params["nlist"] == 1  # >= 39 points per list
@@ -58,19 +61,24 @@ def test_flat_index_is_exact(vectors, tmp_path):
     assert recall_at_k(exact, brute) > 0.999
 
 
-@pytest.mark.parametrize("index_type, knob, floor", [
-    ("hnsw", "efSearch", 0.9),
-    # 8-byte codes for 32-d vectors cap IVF-PQ's recall (0.57 here with every list probed): the target is not
+@pytest.mark.parametrize("index_type, refine, knob, floor", [
+    ("hnsw", None, "efSearch", 0.9),
+    ("ivfpq", None, "nprobe", 0.85),  # the SQ8 copies fit the budget: PQ candidates are re-ranked
+    # 8-byte codes alone cap IVF-PQ's recall (about 0.57 here with every list probed): the target is not
     # reached, a warning says so, and the recall written down must still be the true one
-    pytest.param("ivfpq", "nprobe", 0.45, marks=pytest.mark.slow),
+    pytest.param("ivfpq", False, "nprobe", 0.45, marks=pytest.mark.slow),
 ])
-def test_approximate_indexes_record_their_true_recall(vectors, tmp_path, caplog, index_type, knob, floor):
+def test_approximate_indexes_record_their_true_recall(vectors, tmp_path, caplog, index_type, refine, knob, floor):
     root, queries = vectors
-    config = IndexConfig(index_type=index_type, target_recall=0.9, n_queries=200, hnsw_m=16, ivf_nlist=32, pq_m=8)
+    config = IndexConfig(index_type=index_type, target_recall=0.9, n_queries=200, hnsw_m=16, ivf_nlist=32, pq_m=8,
+                         refine=refine)
     meta = build_index(root, tmp_path, config=config)
     assert meta["index_type"] == index_type and knob in meta["search_params"]
+    assert meta["factory"].endswith(",Refine(SQ8)") == (index_type == "ivfpq" and refine is None)
     index = faiss.read_index(str(tmp_path / "image.index"))
     faiss.ParameterSpace().set_index_parameter(index, knob, meta["search_params"][knob])
+    if "k_factor" in meta["params"]:
+        assert faiss.downcast_index(index).k_factor == meta["params"]["k_factor"]  # stored in the index file
     measured = recall_at_k(index.search(queries, 10)[1], _exact_topk(EmbeddingFolder(root), queries, 10))
     assert measured >= floor
     # the recall written down predicts what fresh queries get

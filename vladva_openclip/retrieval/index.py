@@ -2,7 +2,10 @@
 
 - at most ``flat_threshold`` vectors (and within the memory budget): ``IndexFlatIP``, exact;
 - above it, HNSW (``HNSW{M},Flat``) while the full-precision vectors and the graph fit ``max_memory``;
-- otherwise IVF-PQ (``IVF{nlist},PQ{m}``) with ``nlist`` near ``4 * sqrt(N)`` and a code size that fits the budget.
+- otherwise IVF-PQ (``IVF{nlist},PQ{m}``) with ``nlist`` near ``4 * sqrt(N)`` and a code size that fits the budget;
+  when 8-bit scalar-quantised copies of the vectors (D bytes each) fit as well, the PQ candidates (``k_factor``
+  times k) are re-ranked with them (``,Refine(SQ8)``): PQ codes alone cap recall@10 well below 1 (about 0.6 for
+  64-byte codes of 256-d vectors in BENCHMARKS.md), the re-ranking brings it back near exact.
 
 The search-time knob (``nprobe`` / ``efSearch``) is tuned to the smallest value reaching ``target_recall``
 recall@k on held-out database vectors, and the recall on another disjoint sample is written down as the index's
@@ -70,6 +73,8 @@ class IndexConfig:
     hnsw_m: int = 32
     ivf_nlist: int | None = None
     pq_m: int | None = None
+    refine: bool | None = None
+    k_factor: int = 8
     train_size: int | None = None
     n_queries: int = 500
     k: int = 10
@@ -140,7 +145,12 @@ def choose_index(n: int, d: int, config: IndexConfig) -> IndexPlan:
     if d % m:
         raise ValueError(f"pq_m={m} must divide the dimension {d}")
     memory = nlist * d * 4 + n * (m + 8) + 256 * d * 4
-    return IndexPlan("ivfpq", f"IVF{nlist},PQ{m}", memory, reason, {"nlist": nlist, "pq_m": m, "pq_bits": 8})
+    params = {"nlist": nlist, "pq_m": m, "pq_bits": 8}
+    refine = config.refine if config.refine is not None else memory + n * d <= budget
+    if not refine:
+        return IndexPlan("ivfpq", f"IVF{nlist},PQ{m}", memory, reason, params)
+    return IndexPlan("ivfpq", f"IVF{nlist},PQ{m},Refine(SQ8)", memory + n * d, reason + "; SQ8 re-ranking fits too",
+                     {**params, "refine": "SQ8", "k_factor": config.k_factor})
 
 
 def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
@@ -215,8 +225,12 @@ def build_index(embeddings: str | os.PathLike, out_dir: str | os.PathLike, kind:
     start = time.perf_counter()
     index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
     if plan.index_type == "ivfpq":
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         # the factory turns on polysemous training (for Hamming-filtered search, unused here); it costs minutes
-        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+        ivf.do_polysemous_training = False
+        ivf.pq.cp.max_points_per_centroid = 64  # 16k points train 256 centroids well; faiss's 65k take 4x longer
+        if "k_factor" in plan.params:
+            _set_knob(index, "k_factor_rf", plan.params["k_factor"])
     rng = np.random.default_rng(config.seed)
     if not index.is_trained:
         # enough for k-means (faiss caps PQ training at 256 points per centroid: 65,536 for 8-bit codes)

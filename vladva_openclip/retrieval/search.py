@@ -48,7 +48,10 @@ class Searcher:
             if counts != self.folder.counts:
                 raise ValueError(f"{self.folder.root} changed since {index_file} was built (shard sizes {counts} -> "
                                  f"{self.folder.counts}); rebuild the index with vladva index")
-            self.index = import_faiss().read_index(str(index_file))
+            faiss = import_faiss()
+            self.index = faiss.read_index(str(index_file))
+            for name, value in self.meta.get("search_params", {}).items():  # the tuned knob, as measured
+                faiss.ParameterSpace().set_index_parameter(self.index, name, value)
             self.mode = f"faiss {self.meta['factory']}"
         else:
             self.meta = None
