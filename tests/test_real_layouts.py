@@ -14,6 +14,7 @@ Tolerances:
   random models; the test allows 1e-3.
 """
 import json
+import re
 
 import pytest
 import torch
@@ -123,15 +124,39 @@ def test_image_embedding_equals_transformers_on_processor_output(dirs, built, fa
         assert rel <= tol, f"{family}/{backend} {pil.size}: relative difference {rel:.2e} > {tol:g}"
 
 
+def _plain_text_ids(tokenizer, template: str, caption: str, prompt: str, add_bos: bool) -> list[int]:
+    """``tokenizer(full)`` with the caption as plain text even where it looks like a special token.
+
+    The whole string is cut only at the special tokens of the template itself; each text run between them (the
+    one holding the caption included) is tokenized whole, which is what the tokenizer does with the full string.
+    """
+    pre, rest = template.split("{body}")
+    post = rest.replace("{prompt}", prompt)
+    specials = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len,
+                      reverse=True)
+    pattern = "(" + "|".join(re.escape(t) for t in specials) + ")"
+    pre_parts, post_parts = re.split(pattern, pre), re.split(pattern, post)
+    parts = [*pre_parts[:-1], pre_parts[-1] + caption + post_parts[0], *post_parts[1:]]
+    ids = [tokenizer.bos_token_id] if add_bos else []
+    for i, part in enumerate(parts):
+        if i % 2:  # re.split puts the captured specials at odd positions
+            ids.append(tokenizer.convert_tokens_to_ids(part))
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False, split_special_tokens=True).input_ids
+    return ids
+
+
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_text_embedding_equals_transformers_on_plain_tokenizer(built, family):
     model, _, hf, processor = built[family]
     plain = processor.tokenizer  # AutoTokenizer of the directory, as the processor loaded it
     tokenizer = model.tokenizer  # the caption tokenizer create_model built from the directory
+    cfg = model.cfg
     for caption in CAPTIONS:
-        ids = plain(_full(model, "text", caption), add_special_tokens=model.cfg.template.add_bos,
-                    return_tensors="pt").input_ids
-        ref = _ref_last_token(hf, input_ids=ids)
+        ids = _plain_text_ids(plain, cfg.template.text, caption, cfg.text_prompt.text, cfg.template.add_bos)
+        if "<" not in caption:  # nothing that looks like a special token: exactly the tokenizer on the full string
+            assert ids == plain(_full(model, "text", caption), add_special_tokens=cfg.template.add_bos).input_ids
+        ref = _ref_last_token(hf, input_ids=torch.tensor([ids]))
         with torch.no_grad():
             ours = model.encode_text(tokenizer([caption]))
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5, msg=lambda m, c=caption: f"{c!r}: {m}")
