@@ -40,6 +40,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUDGET_S = 480.0
+DRY_RUN_BUDGET_S = 900.0
 FINAL_RESERVE_S = 5.0  # kept back from the stages for the last write of the outputs
 POLL_S = 2.0
 WHEELHOUSE = REPO / "benchmarks" / "wheelhouse"
@@ -222,6 +223,11 @@ def network_reachable(host: str = "pypi.org", port: int = 443, timeout: float = 
         return False
 
 
+def gpu_present() -> bool:
+    """An NVIDIA GPU with its driver on this machine (before spending minutes installing a CUDA torch for it)."""
+    return bool(shutil.which("nvidia-smi")) or Path("/dev/nvidia0").exists() or Path("/proc/driver/nvidia").exists()
+
+
 def make_shim(site: Path) -> None:
     """``site/vladva_openclip``: the package's files linked one by one, plus ``kernels`` -> the repo's kernels/, the
     layout ``pip install -e .`` gives (pyproject maps kernels/ to vladva_openclip.kernels), without pip."""
@@ -269,9 +275,12 @@ def find_torch_python(log: Log, env: dict[str, str], want_cuda: bool) -> tuple[s
     for candidate in ([os.environ["GPU_CHECK_PYTHON"]] if os.environ.get("GPU_CHECK_PYTHON") else []) + \
             list(PYTHON_CANDIDATES):
         path = shutil.which(candidate)
-        if not path or os.path.realpath(path) in seen:
+        # one environment per (bin directory, interpreter): a venv's python links to the base interpreter, so the
+        # target alone would merge a venv (with torch) with the system python (without)
+        key = (os.path.dirname(os.path.abspath(path)), os.path.realpath(path)) if path else None
+        if not path or key in seen:
             continue
-        seen.add(os.path.realpath(path))
+        seen.add(key)
         info = probe(path, env, log, mode="torch")
         if info and info["modules"].get("torch") and (info.get("cuda") or not want_cuda):
             return path, info
@@ -314,6 +323,10 @@ def install(args: argparse.Namespace, log: Log, deadline: float) -> tuple[Enviro
     step("find an interpreter with a CUDA torch" + (" (dry run: any torch)" if args.dry_run else ""),
          python is not None, python=python)
     if python is None:
+        if not args.dry_run and not gpu_present():
+            record.update(status="failed: no NVIDIA GPU on this machine (no nvidia-smi, no /dev/nvidia0); "
+                                 "use --dry-run to exercise the stages on CPU", seconds=round(time.time() - start, 1))
+            return None, record
         if not network_reachable():
             record.update(status="failed: no interpreter with a CUDA torch and no network to install one",
                           seconds=round(time.time() - start, 1))
@@ -672,7 +685,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="toy sizes on CPU, Triton under the interpreter")
     parser.add_argument("--out", default=None,
                         help="output directory (default: $OUT, else benchmarks/results/gpu_check)")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="total seconds, install included")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"total seconds, install included (default {DEFAULT_BUDGET_S:.0f}; dry run "
+                             f"{DRY_RUN_BUDGET_S:.0f}: a busy CPU must not turn a slow toy stage into a kill)")
     parser.add_argument("--start", type=float, default=None, help="epoch seconds the run started (gpu_check.sh)")
     parser.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset, in any order")
     parser.add_argument("--python", default=None, help="interpreter for the stages (default: found or installed)")
@@ -691,6 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         print(render_markdown(json.loads(Path(args.render).read_text())), end="")
         return 0
     start = args.start or time.time()
+    if args.budget is None:
+        args.budget = DRY_RUN_BUDGET_S if args.dry_run else DEFAULT_BUDGET_S
     deadline = start + args.budget
     selected = tuple(s for s in args.stages.split(",") if s)
     unknown = sorted(set(selected) - set(STAGE_NAMES))

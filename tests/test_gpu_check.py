@@ -245,3 +245,15 @@ def test_rerun_of_some_stages_keeps_the_others(tmp_path, capsys):
     assert results["stages"]["kernels"]["status"] == "ok (run earlier)"
     assert results["stages"]["infer"]["status"].startswith("timeout")
     assert "### GPU check (DRY RUN" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(gpu_check.gpu_present(), reason="this machine has an NVIDIA GPU")
+def test_gpu_run_on_a_machine_without_gpu_fails_fast_and_says_why(tmp_path, monkeypatch):
+    monkeypatch.delenv("GPU_CHECK_PYTHON", raising=False)
+    start = time.time()
+    assert gpu_check.main(["--out", str(tmp_path), "--stages", "env,kernels"]) == 0
+    assert time.time() - start < 120  # no torch download, no stage started
+    results = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert results["install"]["status"].startswith("failed: no NVIDIA GPU")
+    assert {s["status"] for s in results["stages"].values()} == {"not run: install failed"}
+    assert "use --dry-run" in (tmp_path / "gpu_check.md").read_text()
