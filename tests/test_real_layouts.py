@@ -117,6 +117,8 @@ def test_image_embedding_equals_transformers_on_processor_output(dirs, built, fa
                                                                            photo_like(333, 600, 3)]
     for pil in images:
         inputs = processor(images=pil, text=_full(model, "image", IMAGE_BODY[family]), return_tensors="pt")
+        # the same ids (the processor expands the image placeholder), then the same states
+        assert model.image_input_ids().tolist() == inputs["input_ids"][0].tolist()
         ref = _ref_last_token(hf, **inputs)
         with torch.no_grad():
             ours = model.encode_image(preprocess(pil).unsqueeze(0))
@@ -156,6 +158,8 @@ def test_text_embedding_equals_transformers_on_plain_tokenizer(built, family):
         ids = _plain_text_ids(plain, cfg.template.text, caption, cfg.text_prompt.text, cfg.template.add_bos)
         if "<" not in caption:  # nothing that looks like a special token: exactly the tokenizer on the full string
             assert ids == plain(_full(model, "text", caption), add_special_tokens=cfg.template.add_bos).input_ids
+        ours_ids, mask = model.text_input_ids([caption])
+        assert ours_ids[0][mask[0].bool()].tolist() == ids, caption
         ref = _ref_last_token(hf, input_ids=torch.tensor([ids]))
         with torch.no_grad():
             ours = model.encode_text(tokenizer([caption]))
