@@ -75,16 +75,20 @@ def test_truncation_cuts_caption_not_prompt(tiny, caplog):
     assert seq_ids[0, -suffix.numel():].tolist() == suffix.tolist()
     p = model.text_prompt.prefix_len
     assert seq_ids[0, p:p + 8].tolist() == ids[0].tolist()
-    # The embedding is that of the truncated caption.
-    torch.testing.assert_close(model.encode_text(ids), model.encode_text(tok([tok.decode(ids[0])], context_length=8)))
+    # The row is the whole-string tokenization of a prefix of the caption, cut at one of its token boundaries,
+    # so the embedding is that of the shorter caption tokenized on its own.
+    cuts = [c for c in tok.codec("text").caption_cut_points(long_caption)
+            if tok([long_caption[:c]], context_length=100)[0].tolist()[:8] == ids[0].tolist()]
+    assert cuts, "the truncated row is not the tokenization of any prefix of the caption"
+    torch.testing.assert_close(model.encode_text(ids), model.encode_text(tok([long_caption[:cuts[0]]], context_length=8)))
 
 
 def test_fused_pass_matches_encode_image_and_caption_cannot_change_summary(tiny):
     model, _, tok = tiny
     perturb_trainables(model)
     img = _images(model, 2)
-    long_a = tok(["a long detailed caption about shapes", "another one"], context_length=24)
-    long_b = tok(["completely different words here and more", "zzz"], context_length=24)
+    long_a = tok.long_captions(["a long detailed caption about shapes", "another one"], context_length=24)
+    long_b = tok.long_captions(["completely different words here and more", "zzz"], context_length=24)
     fa, nll_a, n_a = model.image_features_and_ar(img, long_a)
     fb, nll_b, _ = model.image_features_and_ar(img, long_b)
     torch.testing.assert_close(fa, fb, atol=1e-6, rtol=0)
@@ -99,7 +103,7 @@ def test_ar_loss_matches_hf_reference(tiny):
     model, _, tok = tiny
     perturb_trainables(model)
     img = _images(model, 2)
-    cap = tok(["a red circle left of a square", "blue"], context_length=16)
+    cap = tok.long_captions(["a red circle left of a square", "blue"], context_length=16)
     _, nll, count = model.image_features_and_ar(img, cap)
     img_embeds, img_ids = model._image_sequence(model._check_image(img))
     for b in range(2):
@@ -119,7 +123,7 @@ def test_packed_forward_masks_missing_long_caption(tiny):
     model, _, tok = tiny
     img = _images(model, 2)
     short = tok(["a", "b"], context_length=12)
-    long = tok(["some long caption", ""], context_length=12)
+    long = tok.long_captions(["some long caption", ""], context_length=12)
     out = model(img, torch.stack([short, long], 1))
     assert out["ar_num_tokens"][1] == 0 and out["ar_nll_sum"][1] == 0
     assert out["ar_nll_sum"][0] > 0

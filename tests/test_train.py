@@ -32,7 +32,7 @@ def _fixed_batch(model, tok, n=16, seed=0, split="train"):
     samples = [world.sample(split, i) for i in range(n)]
     images = torch.stack([preprocess(world.render(s.scene)) for s in samples])
     short = tok([s.short for s in samples], context_length=64)
-    long = tok([s.long for s in samples], context_length=64)
+    long = tok.long_captions([s.long for s in samples], context_length=64)
     return images, torch.stack([short, long], 1)
 
 

@@ -42,13 +42,18 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
 
 def caption_targets(
-    captions: torch.Tensor, lengths: torch.Tensor, eos_token_id: int
+    captions: torch.Tensor, lengths: torch.Tensor, eos_token_id: int, complete: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Targets ``[B, Lc+1]`` (caption then EOS) and their mask; rows with no caption have no targets at all."""
+    """Targets ``[B, Lc+1]`` (caption then EOS) and their mask ``[B, Lc+1]``.
+
+    Rows with no caption have no targets at all; rows with ``complete[b] == False`` (a caption cut by the
+    tokenizer) have no EOS target: the model must never learn to stop mid-sentence.
+    """
     b, width = captions.shape
     targets = torch.cat([captions, captions.new_full((b, 1), eos_token_id)], dim=1)
     col = torch.arange(width + 1, device=captions.device).unsqueeze(0)
     eos_col = lengths.unsqueeze(1)
     targets = torch.where(col == eos_col, torch.full_like(targets, eos_token_id), targets)
-    mask = (col <= eos_col) & (lengths.unsqueeze(1) > 0)
+    last = eos_col if complete is None else eos_col - (~complete.bool()).long().unsqueeze(1)
+    mask = (col <= last) & (lengths.unsqueeze(1) > 0)
     return targets, mask

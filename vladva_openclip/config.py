@@ -79,6 +79,9 @@ class TemplateConfig:
     image: str
     text: str
     add_bos: bool = True
+    # What separates the image template from the assistant's answer (the long caption) in the whole string:
+    # LLaVA-1.5's conversation format writes "ASSISTANT: answer"; Qwen2-VL's template already ends in a newline.
+    answer_sep: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,10 @@ class VladVAConfig:
     base_model: str | None = None  # Hugging Face id or local dir of the base weights; None = random init (tiny)
     tokenizer: str | None = None  # Hugging Face id or local dir; "asset:<name>" = a tokenizer shipped in the package
     context_length: int = 77  # caption tokens kept by the tokenizer (the prompt is added on top)
+    # Training defaults (vladva-train --max-short-len/--max-long-len): the paper's short captions have < 30 tokens,
+    # its long ones up to 500; the rows also hold the template newline (short) or the EOS (long).
+    max_short_len: int = 32
+    max_long_len: int = 128
     init_logit_scale: float = 2.995732273553991  # ln(1/0.05), E5-V's temperature
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)

@@ -20,7 +20,7 @@ from .ar import caption_targets, token_nll
 from .backbones import Backbone, get_backbone
 from .config import VladVAConfig
 from .kernels import last_token_pool
-from .prompts import ModalityPrompt, TemplateParts
+from .prompts import ModalityPrompt
 from .sequence import assemble
 from .tokenizer import VladVATokenizer, caption_lengths
 
@@ -66,21 +66,49 @@ class VladVA(nn.Module):
         self.register_load_state_dict_post_hook(_forgive_missing_frozen_keys)
 
         emb = self.embedding
-        body_ids = self.backbone.image_body_ids(lvlm.config, cfg.image_size)
-        self.register_buffer("image_body_ids", torch.tensor(body_ids, dtype=torch.long), persistent=False)
-        self.image_prompt = self._build_prompt(cfg.template.image, cfg.image_prompt, tokenizer, emb)
-        self.text_prompt = self._build_prompt(cfg.template.text, cfg.text_prompt, tokenizer, emb)
+        # Models trained for the AR loss run the long-caption pass; the trainer turns it off for --ar-weight 0.
+        self.compute_ar = True
+        self.image_placeholder = self._image_placeholder(tokenizer)
+        image_split = self._image_split(tokenizer, cfg.image_prompt.text)
+        self.image_body_id_list = list(image_split.body)
+        self.register_buffer("image_body_ids", torch.tensor(image_split.body, dtype=torch.long), persistent=False)
+        self.image_prompt = ModalityPrompt(cfg.image_prompt, image_split.prefix, [], image_split.prompt,
+                                           image_split.post, emb)
+        self.text_prompt = self._build_text_prompt(tokenizer, emb)
         self._freeze_base()
 
     # ---- construction helpers -----------------------------------------------------------------------------
-    def _build_prompt(self, template: str, pcfg, tokenizer: VladVATokenizer, emb: nn.Embedding) -> ModalityPrompt:
-        parts = TemplateParts.parse(template)
-        prefix = ([tokenizer.bos_token_id] if self.cfg.template.add_bos and tokenizer.bos_token_id is not None
-                  else []) + tokenizer.encode(parts.pre, special=True)
-        return ModalityPrompt(
-            pcfg, prefix, tokenizer.encode(parts.mid, special=True), tokenizer.encode(pcfg.text, special=False),
-            tokenizer.encode(parts.post, special=True), emb,
-        )
+    def _image_placeholder(self, tokenizer: VladVATokenizer) -> str | None:
+        """The image tokens as the base model's processor writes them into the prompt string (LLaVA:
+        ``image_seq_length`` x ``<image>``; Qwen2-VL: ``<|vision_start|>`` + n x ``<|image_pad|>`` +
+        ``<|vision_end|>``); None when the tokenizer does not know them (a stand-in tokenizer on the meta device)."""
+        ids = self.backbone.image_body_ids(self.lvlm.config, self.cfg.image_size)
+        names = tokenizer.tokenizer.convert_ids_to_tokens(ids)
+        if any(n is None for n in names) or any(tokenizer.tokenizer.convert_tokens_to_ids(n) != i
+                                                for n, i in zip(names[:3], ids[:3])):
+            return None
+        return "".join(names)
+
+    def _image_split(self, tokenizer: VladVATokenizer, prompt: str):
+        """Whole-string tokenization of the image template, cut into prefix / body / prompt / post."""
+        codec = tokenizer.codec("image", prompt)
+        if self.image_placeholder is not None:
+            return codec.split(self.image_placeholder, body_is_template=True)
+        _logger.warning("the tokenizer does not name the image tokens of %s; the image sequence is assembled from "
+                        "pieces (fine for a meta-device build, not for real weights)", self.cfg.backbone)
+        empty = codec.split("", body_is_template=False)
+        return type(empty)(empty.prefix, self.backbone.image_body_ids(self.lvlm.config, self.cfg.image_size)
+                           + empty.body, empty.prompt, empty.post)
+
+    def _build_text_prompt(self, tokenizer: VladVATokenizer, emb: nn.Embedding) -> ModalityPrompt:
+        """Prefix and suffix around the tokenizer's caption bodies, from the whole-string tokenization."""
+        pcfg = self.cfg.text_prompt
+        prefix = tokenizer.text_prefix(pcfg.text)
+        if prefix != tokenizer.text_prefix():
+            raise ValueError(f"the text prompt {pcfg.text!r} changes how the template head is tokenized; "
+                             f"the tokenizer's captions would not fit it")
+        fixed = tokenizer.codec("text", pcfg.text).fixed
+        return ModalityPrompt(pcfg, prefix, [], fixed.prompt, fixed.post, emb)
 
     def _freeze_base(self) -> None:
         for p in self.lvlm.parameters():
@@ -187,6 +215,34 @@ class VladVA(nn.Module):
         ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), text, lengths, prompt.suffix_ids.unsqueeze(0))
         return embeds, ids, mask
 
+    # ---- inspection ---------------------------------------------------------------------------------------
+    def text_input_ids(self, text: str | Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact ids the LLM sees for captions (soft-prompt slots carry the handcrafted prompt's ids).
+
+        Args:
+            text: a caption or a list of captions (tokenized with the model's tokenizer and ``context_length``).
+
+        Returns:
+            CPU LongTensors ``ids [B, T]`` (right-padded with ``pad_token_id``) and ``mask [B, T]``.
+        """
+        tok = getattr(self, "tokenizer", None)
+        if tok is None:
+            raise ValueError("this model has no tokenizer attached; build it with open_clip.create_model")
+        body = tok(text, context_length=self.context_length)
+        prompt = self.text_prompt
+        lengths = caption_lengths(body, self.pad_token_id)
+        body = body[:, : max(int(lengths.max()), 1)] if body.shape[0] else body
+        prefix = torch.tensor(prompt.prefix_id_list, dtype=torch.long).unsqueeze(0)
+        suffix = torch.tensor(prompt.suffix_id_list, dtype=torch.long).unsqueeze(0)
+        ids, mask = assemble(prefix, body, lengths, suffix)
+        return torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
+
+    def image_input_ids(self) -> torch.Tensor:
+        """``ids [T]`` (CPU LongTensor): the exact ids of the image tower's sequence; the image-token slots are
+        replaced by the projected image features and the soft-prompt slots by the soft vectors."""
+        prompt = self.image_prompt
+        return torch.tensor(prompt.prefix_id_list + self.image_body_id_list + prompt.suffix_id_list, dtype=torch.long)
+
     def _empty(self) -> torch.Tensor:
         return torch.zeros(0, self.embed_dim, device=self.device, dtype=torch.float32)
 
@@ -236,7 +292,8 @@ class VladVA(nn.Module):
 
         Args:
             image: ``[B, 3, S, S]``.
-            long_caption: ``[B, L]`` right-padded caption ids (an all-pad row: no AR tokens for that sample).
+            long_caption: ``[B, L]`` right-padded answer ids from ``tokenizer.long_captions`` (an all-pad row: no AR
+                tokens for that sample; a full row: a cut caption, no EOS target).
             compute_ar: False skips the caption (GradCache's no-grad pass needs only the features and counts).
 
         Returns:
@@ -248,7 +305,10 @@ class VladVA(nn.Module):
         img_embeds, img_ids = self._image_sequence(image)
         t_img = img_ids.shape[1]
         lengths = caption_lengths(long_caption, self.pad_token_id)
-        counts = torch.where(lengths > 0, lengths + 1, torch.zeros_like(lengths))
+        # A row filled to the last column holds a caption cut by the tokenizer: no EOS target (never learn to stop
+        # mid-sentence). See VladVATokenizer.long_captions.
+        complete = lengths < long_caption.shape[1]
+        counts = torch.where(lengths > 0, lengths + complete.long(), torch.zeros_like(lengths))
         if not compute_ar or int(lengths.max()) == 0:
             mask = torch.ones(img_ids.shape, dtype=torch.long, device=img_ids.device)
             hidden = self._run_llm(img_embeds, mask, img_ids, image=True)
@@ -261,7 +321,7 @@ class VladVA(nn.Module):
         ids, _ = assemble(img_ids, cap, lengths, eos)
         hidden = self._run_llm(embeds, mask, ids, image=True)
         feats = F.normalize(hidden[:, t_img - 1].float(), dim=-1)
-        targets, tmask = caption_targets(cap, lengths, self.eos_token_id)
+        targets, tmask = caption_targets(cap, lengths, self.eos_token_id, complete)
         # Position t_img-1+j predicts targets[:, j].
         pred = hidden[:, t_img - 1: t_img - 1 + targets.shape[1]]
         nll = token_nll(pred[tmask], self.backbone.lm_head(self.lvlm).weight, targets[tmask], chunk=self._ar_chunk)
@@ -288,7 +348,7 @@ class VladVA(nn.Module):
             if text.shape[1] != 2:
                 raise ValueError(f"packed text must be [B, 2, L] (short, long), got {tuple(text.shape)}")
             short, long = text[:, 0], text[:, 1]
-            if image is not None:
+            if image is not None and self.compute_ar:
                 # open_clip's accumulation caches features in a no-grad pass while training: the caption is
                 # skipped there (its loss comes from the gradient pass). In eval mode the AR loss is computed.
                 compute_ar = torch.is_grad_enabled() or not self.training
@@ -384,11 +444,7 @@ class VladVA(nn.Module):
         prompts = [prompt] * image.shape[0] if isinstance(prompt, str) else list(prompt)
         if len(prompts) != image.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {image.shape[0]} images")
-        parts = TemplateParts.parse(self.cfg.template.image)
-        bos = [tok.bos_token_id] if self.cfg.template.add_bos and tok.bos_token_id is not None else []
-        body = self.image_body_ids.tolist()
-        rows = [bos + tok.encode(parts.pre, special=True) + body + tok.encode(parts.mid, special=True)
-                + tok.encode(p) + tok.encode(parts.post, special=True) for p in prompts]
+        rows = [self._image_split(tok, p).ids for p in prompts]
         width = max(len(r) for r in rows)
         # Left padding: generation appends at the end of every row.
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)

@@ -49,6 +49,8 @@ class ModalityPrompt(nn.Module):
         hand = prompt_ids if cfg.has_handcrafted_tokens else []
         # Soft slots carry the handcrafted ids so that id-based bookkeeping (M-RoPE types) sees plain text.
         suffix_ids = mid_ids + (prompt_ids if cfg.has_soft else []) + hand + post_ids
+        # Plain copies: the inspection API must answer on a meta-device build, whose buffers hold no data.
+        self.prefix_id_list, self.suffix_id_list = list(prefix_ids), list(suffix_ids)
         self.register_buffer("prefix_ids", torch.tensor(prefix_ids, dtype=torch.long), persistent=False)
         self.register_buffer("suffix_ids", torch.tensor(suffix_ids, dtype=torch.long), persistent=False)
         self.mid_len = len(mid_ids)

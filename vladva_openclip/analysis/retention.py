@@ -158,7 +158,7 @@ def caption_retention(models: Mapping[str, tuple[torch.nn.Module, Callable]], sc
             stop = min(n, start + cfg.batch_size)
             pixels = torch.stack([preprocess(im) for im in scenes.images[start:stop]])
             texts = model.generate(pixels.to(model.device), cfg.instruction, max_new_tokens=cfg.max_new_tokens)
-            ids = model.tokenizer(scenes.references[start:stop], context_length=cfg.max_caption_len)
+            ids = model.tokenizer.long_captions(scenes.references[start:stop], context_length=cfg.max_caption_len)
             for key, runner in (("instruction", instructed), ("own", model)):
                 s, c = _reference_nll(model, runner, pixels, ids)
                 nll[key][0] += float(s.sum())

@@ -157,7 +157,7 @@ def training_loss(model, preprocess, tokenizer, train_csv: Path, cfg: DemoConfig
     df = pd.read_csv(train_csv, sep="\t", dtype=str, keep_default_na=False).head(n)
     images = torch.stack([preprocess(Image.open(Path(train_csv).parent / p).convert("RGB")) for p in df.filepath])
     short = tokenizer(list(df.short_caption), context_length=cfg.max_long_len)
-    long = tokenizer(list(df.long_caption), context_length=cfg.max_long_len)
+    long = tokenizer.long_captions(list(df.long_caption), context_length=cfg.max_long_len)
     out = model(image=images, text=torch.stack([short, long], dim=1))
     losses = VladVALoss(ar_weight=1.0)(**out, output_dict=True)
     return {k: round(float(v), 4) for k, v in losses.items()}

@@ -152,11 +152,11 @@ def pretrain_captioner(cfg: CaptionerConfig) -> dict:
     model, _, _ = build_captioner()
     tokenizer = model.tokenizer
     mean, std = model.visual.image_mean, model.visual.image_std
-    ids = tokenizer(longs, context_length=cfg.max_long_len)
+    ids = tokenizer.long_captions(longs, context_length=cfg.max_long_len)
     val_x = normalise(val_images, mean, std)
-    val_ids = tokenizer(val_longs, context_length=cfg.max_long_len)
+    val_ids = tokenizer.long_captions(val_longs, context_length=cfg.max_long_len)
     iid_x = normalise(iid_images, mean, std)
-    iid_ids = tokenizer(iid_longs, context_length=cfg.max_long_len)
+    iid_ids = tokenizer.long_captions(iid_longs, context_length=cfg.max_long_len)
     render_s = time.perf_counter() - start
 
     def validate(step: int, **extra) -> dict:

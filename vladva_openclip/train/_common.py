@@ -132,7 +132,10 @@ class CaptionPacker:
         if not short:
             self._count_empty()
         short_ids = self.tokenizer([short or ""], context_length=self.max_short_len)[0]
-        long_ids = self.tokenizer([long], context_length=self.max_long_len)[0] if long else None
+        # Long captions are the assistant's answer after the image prompt; VladVA's tokenizer knows that context
+        # (other tokenizers, e.g. open_clip's own for a CLIP baseline, tokenize the caption alone).
+        encode_long = getattr(self.tokenizer, "long_captions", self.tokenizer)
+        long_ids = encode_long([long], context_length=self.max_long_len)[0] if long else None
         return pack_captions(short_ids, long_ids, self.max_long_len, self.pad_id)
 
     def __getstate__(self) -> dict:

@@ -32,8 +32,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--text-prompt-mode", dict(choices=PROMPT_MODES, default=None, help="as --image-prompt-mode"),
          "text_prompt_mode"),
     Flag("--soft-prompt-lr-scale", dict(type=float, default=1.0, help="soft prompts learn at lr * this")),
-    Flag("--max-short-len", dict(type=int, default=32, help="caption tokens kept for the contrastive loss")),
-    Flag("--max-long-len", dict(type=int, default=128, help="caption tokens kept for the AR loss (paper: <=500)")),
+    Flag("--max-short-len", dict(type=int, default=None, help="short-caption tokens kept for the contrastive loss "
+                                                              "(default: the model's; real models 32)")),
+    Flag("--max-long-len", dict(type=int, default=None, help="long-caption tokens kept for the AR loss, EOS included "
+                                                             "(default: the model's; real models 500, as the paper)")),
     Flag("--long-caption-key", dict(type=str, default="long_caption", help="CSV column of the long caption")),
     Flag("--csv-encoding", dict(type=str, default="utf-8", help="text encoding of --train-data/--val-data CSV/TSV "
                                                                 "tables (e.g. latin-1, cp1252, utf-8-sig)")),

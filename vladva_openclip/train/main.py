@@ -253,10 +253,16 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
             state.restore_save_most_recent = False
         if is_vladva_name(model_name):
             kw.update(model_kwargs(vargs))
+            kw.setdefault("init_seed", getattr(state.args, "seed", None))  # LoRA init follows --seed
         out = original_create(model_name, *a, **kw)
         state.model = out[0]
         if is_vladva_name(model_name):
             state.model.trainable_state_only = True  # checkpoints hold only what trains
+            # --ar-weight 0: the long-caption pass would cost a forward over every long caption for nothing
+            state.model.compute_ar = bool(vargs.ar_weight)
+            for flag in ("max_short_len", "max_long_len"):  # the model's own defaults (real models: the paper's)
+                if getattr(state.args, flag, None) is None:
+                    setattr(state.args, flag, getattr(state.model.cfg, flag))
             if not kw.get("aug_cfg"):
                 # LVLMs are fine-tuned on their processor's deterministic resize (as LLaVA's is); it also makes a
                 # resumed run see exactly the pixels the interrupted one would have seen. --aug-cfg opts back in.
