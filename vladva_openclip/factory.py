@@ -13,6 +13,7 @@ from .adapters import BASE_FILE, load_adapter, load_base_weights, read_meta
 from .backbones import Backbone, WeightsNotFoundError, get_backbone
 from .backbones.sources import BaseModelError, check_base_dir, check_tokenizer_dir, is_local, root_cause
 from .config import VladVAConfig
+from .hub import is_schema_name, resolve_adapter
 from .model import VladVA
 from .registry import get_pretrained_cfg, get_vladva_config, pretrained_tags
 from .tokenizer import VladVATokenizer, load_hf_tokenizer
@@ -54,6 +55,8 @@ def resolve_pretrained(name: str, pretrained: str | None) -> tuple[Path | None, 
     """A tag or a path -> (local path or None, preprocessing keys from the tag)."""
     if not pretrained:
         return None, {}
+    if is_schema_name(pretrained):  # hf-hub:org/repo or local-dir:/path holding an adapter (see hub.py)
+        return resolve_adapter(pretrained), {}
     tag_cfg = get_pretrained_cfg(name, pretrained)
     if tag_cfg is not None:
         if "file" not in tag_cfg:
@@ -110,6 +113,12 @@ def _local_override(source: str | None) -> str | None:
     return source
 
 
+def make_tokenizer(hf_tokenizer, cfg: VladVAConfig, context_length: int | None = None) -> VladVATokenizer:
+    """The caption tokenizer over ``hf_tokenizer`` for ``cfg``'s templates and handcrafted prompts."""
+    return VladVATokenizer(hf_tokenizer, context_length or cfg.context_length, template=cfg.template,
+                           text_prompt=cfg.text_prompt.text, image_prompt=cfg.image_prompt.text)
+
+
 def build_tokenizer(cfg: VladVAConfig, context_length: int | None = None, cache_dir: str | None = None):
     """The caption tokenizer of ``cfg`` (its ``tokenizer``, else its ``base_model``).
 
@@ -122,14 +131,14 @@ def build_tokenizer(cfg: VladVAConfig, context_length: int | None = None, cache_
     if source is None:
         raise ValueError("the model config names no tokenizer; pass tokenizer=<directory or Hugging Face id>")
     if source.startswith("asset:") or not is_local(source):
-        return VladVATokenizer(load_hf_tokenizer(source, cache_dir=cache_dir), context_length or cfg.context_length)
+        return make_tokenizer(load_hf_tokenizer(source, cache_dir=cache_dir), cfg, context_length)
     root = check_tokenizer_dir(source)
     try:
         hf_tokenizer = load_hf_tokenizer(str(root), cache_dir=cache_dir)
     except Exception as err:  # tokenizers raises bare Exceptions for corrupt files
         raise BaseModelError(f"tokenizer directory {root} cannot be loaded ({root_cause(err)}); its files are "
                              f"corrupt or incomplete: copy the base model's tokenizer files there again") from err
-    return VladVATokenizer(hf_tokenizer, context_length or cfg.context_length)
+    return make_tokenizer(hf_tokenizer, cfg, context_length)
 
 
 def _base_source(cfg: VladVAConfig) -> str | None:
@@ -209,6 +218,7 @@ def create_vladva(
     cache_dir: str | None = None,
     output_dict: bool | None = None,
     require_pretrained: bool = False,
+    init_seed: int | None = None,
     **kwargs: Any,
 ) -> VladVA:
     """Build a registered VladVA model; the open_clip ``create_model`` signature, plus config overrides.
@@ -260,10 +270,11 @@ def create_vladva(
             raise
         # On the meta device only the template's token counts matter; the shipped tokenizer stands in.
         _logger.warning("tokenizer %s unavailable; using a stand-in for the meta-device build", cfg.tokenizer)
-        tokenizer = VladVATokenizer(load_hf_tokenizer("asset:tiny-llava"), cfg.context_length)
+        tokenizer = make_tokenizer(load_hf_tokenizer("asset:tiny-llava"), cfg)
     lvlm, cfg = build_lvlm(cfg, device, dtype, load_weights, path, cache_dir, model_name=name)
     with torch.random.fork_rng(devices=[]), (device if device.type == "meta" else contextlib.nullcontext()):
-        torch.manual_seed(RANDOM_INIT_SEED)
+        # The adapters' initialisation (LoRA, soft prompts) follows init_seed (the trainer passes --seed).
+        torch.manual_seed(RANDOM_INIT_SEED if init_seed is None else int(init_seed))
         model = VladVA(cfg, lvlm, tokenizer, name=name)
         model.add_lora()
     model.tokenizer = tokenizer

@@ -1,0 +1,233 @@
+"""VladVA adapters on the Hugging Face Hub, the way open_clip's own hub models work.
+
+A hub repository (or a local folder) is an adapter directory (see :mod:`.adapters`) plus
+
+- ``open_clip_config.json``: ``{"model_cfg": <the registered model's config>, "preprocess_cfg": {...},
+  "vladva": {"model_name": "vladva-llava7b", ...}}``, what open_clip reads for ``hf-hub:`` / ``local-dir:`` names;
+  ``model_cfg`` carries ``vladva_cfg``, so any tool can tell a VladVA repository from a CLIP one;
+- ``README.md``: a model card (base model, recipe, training flags, and a ``vladva-eval`` results table if given).
+
+So ``open_clip.create_model("hf-hub:org/repo")`` (the name from the config) and
+``open_clip.create_model("vladva-llava7b", pretrained="hf-hub:org/repo")`` both load it. Downloads go through
+``huggingface_hub`` (its cache, ``HF_HUB_OFFLINE``, tokens); only the adapter's own files are fetched.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["CONFIG_NAME", "HF_HUB_PREFIX", "LOCAL_DIR_PREFIX", "hub_model_name", "is_schema_name", "model_card",
+           "open_clip_config", "push_to_hub", "resolve_adapter", "write_hub_files"]
+
+HF_HUB_PREFIX = "hf-hub:"
+LOCAL_DIR_PREFIX = "local-dir:"
+CONFIG_NAME = "open_clip_config.json"
+CARD_NAME = "README.md"
+HUB_FORMAT_VERSION = 1
+#: what a VladVA hub repository may hold; nothing else is downloaded
+ADAPTER_FILES = ("vladva_adapter.json", "adapter_config.json", "adapter_model.safetensors",
+                 "vladva_extras.safetensors", "base_model.safetensors", CONFIG_NAME, CARD_NAME)
+
+
+def is_schema_name(name: object) -> bool:
+    return isinstance(name, str) and name.startswith((HF_HUB_PREFIX, LOCAL_DIR_PREFIX))
+
+
+def _repo_id(name: str) -> str:
+    repo = name[len(HF_HUB_PREFIX):].strip("/")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{name!r}: expected hf-hub:<org>/<repo>")
+    return repo
+
+
+def _read_config(name: str, cache_dir: str | None = None) -> dict[str, Any]:
+    if name.startswith(LOCAL_DIR_PREFIX):
+        path = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser() / CONFIG_NAME
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = Path(hf_hub_download(_repo_id(name), CONFIG_NAME, cache_dir=cache_dir))
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def hub_model_name(name: str, cache_dir: str | None = None) -> str | None:
+    """The registered VladVA model an ``hf-hub:``/``local-dir:`` repository's ``open_clip_config.json`` names, or
+    None when it is not a VladVA repository or its config cannot be read (open_clip then reports the problem)."""
+    from .registry import is_vladva_name
+
+    try:
+        config = _read_config(name, cache_dir)
+    except Exception as err:  # noqa: BLE001 - missing file, offline, bad JSON: open_clip's own path reports it
+        _logger.debug("%s: no readable %s (%s)", name, CONFIG_NAME, err)
+        return None
+    target = (config.get("vladva") or {}).get("model_name")
+    if target is None and "vladva_cfg" in (config.get("model_cfg") or {}):
+        raise ValueError(f"{name}: {CONFIG_NAME} holds a VladVA config but names no model (vladva.model_name)")
+    if target is not None and not is_vladva_name(target):
+        raise ValueError(f"{name}: {CONFIG_NAME} names {target!r}, which is not a VladVA model")
+    return target
+
+
+def resolve_adapter(pretrained: str, cache_dir: str | None = None) -> Path:
+    """``hf-hub:org/repo`` -> the local snapshot of its adapter files (downloaded or from the cache);
+    ``local-dir:/path`` -> the folder."""
+    if pretrained.startswith(LOCAL_DIR_PREFIX):
+        path = Path(pretrained[len(LOCAL_DIR_PREFIX):]).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"{pretrained}: no such directory")
+        return path
+    from huggingface_hub import snapshot_download
+
+    repo = _repo_id(pretrained)
+    try:
+        return Path(snapshot_download(repo, cache_dir=cache_dir, allow_patterns=list(ADAPTER_FILES)))
+    except Exception as err:  # huggingface_hub raises many types; say what was asked for
+        raise FileNotFoundError(f"cannot get the adapter {pretrained} from the Hugging Face Hub or its cache "
+                                f"({type(err).__name__}: {err}); offline, it must be in the cache "
+                                "(HF_HUB_CACHE), downloaded earlier") from err
+
+
+def open_clip_config(model) -> dict[str, Any]:
+    """The ``open_clip_config.json`` of ``model``'s repository (open_clip's layout plus a ``vladva`` block)."""
+    from .registry import get_vladva_config
+
+    pp = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    preprocess = {k: pp[k] for k in ("size", "mode", "mean", "std", "interpolation", "resize_mode", "fill_color")
+                  if k in pp}
+    return {"model_cfg": get_vladva_config(model.model_name), "preprocess_cfg": preprocess,
+            "vladva": {"model_name": model.model_name, "format_version": HUB_FORMAT_VERSION}}
+
+
+# ---- model card ------------------------------------------------------------------------------------------------
+def _training_flags(training: Mapping[str, Any] | str | os.PathLike | None) -> dict[str, Any]:
+    """A mapping as is, or open_clip_train's ``params.txt`` (``name: value`` lines) read from a path."""
+    if training is None:
+        return {}
+    if isinstance(training, Mapping):
+        return dict(training)
+    flags = {}
+    for line in Path(training).read_text(encoding="utf-8").splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip():
+            flags[key.strip()] = value.strip()
+    return flags
+
+
+def _results_markdown(results: Any, label: str) -> str:
+    """A vladva-eval report as Markdown: a Report, its results.json (path or dict), or evaluate()'s dict."""
+    from .eval.report import Report
+
+    if results is None:
+        return ""
+    if isinstance(results, (str, os.PathLike)):
+        results = json.loads(Path(results).read_text(encoding="utf-8"))
+    if isinstance(results, Report):
+        return results.to_markdown()
+    report = Report()
+    if "results" in results:  # results.json: {"results": {model: {task name: {...}}}}
+        for model_label, tasks in results["results"].items():
+            for name, r in tasks.items():
+                report.add(model_label, {"name": name, **r})
+    else:  # evaluate(): {task name: {"task", "name", "metrics", ...}}
+        for r in results.values():
+            report.add(label, r)
+    return report.to_markdown()
+
+
+def _md_table(rows: Mapping[str, Any]) -> list[str]:
+    def cell(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+    return ["| | |", "|---|---|", *(f"| {cell(k)} | {cell(v)} |" for k, v in rows.items())]
+
+
+def model_card(model, *, repo_id: str | None = None, training: Mapping[str, Any] | str | os.PathLike | None = None,
+               results: Any = None, license: str | None = None) -> str:
+    """The README.md of an adapter repository: YAML front matter for the Hub, then usage, base model, recipe,
+    training flags and (if given) the evaluation table."""
+    import math
+
+    cfg = model.cfg
+    name = model.model_name
+    ref = f"hf-hub:{repo_id}" if repo_id else name
+    front = ["---", "library_name: open_clip", "pipeline_tag: zero-shot-image-classification",
+             "tags: [vladva, clip, open_clip, lora, vision-language]"]
+    if cfg.base_model:
+        front.append(f"base_model: {cfg.base_model}")
+    if license:
+        front.append(f"license: {license}")
+    front.append("---")
+    recipe = {
+        "model": f"`{name}` ({cfg.backbone} backbone, embedding dim {model.embed_dim}, image size {cfg.image_size})",
+        "method": "VladVA (arXiv 2412.04378): contrastive loss on short captions + next-token loss on long captions",
+        "embedding": "final hidden state of the last token after the prompt",
+        "LoRA": (f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, dropout={cfg.lora.dropout}, targets "
+                 f"`{cfg.lora.target_modules}`" if cfg.lora.enabled else "off (prompts only)"),
+        "image prompt": f"{cfg.image_prompt.text!r} ({cfg.image_prompt.mode})",
+        "text prompt": f"{cfg.text_prompt.text!r} ({cfg.text_prompt.mode})",
+        "logit scale": f"{math.exp(float(model.logit_scale.detach())):.2f}",
+    }
+    lines = [*front, "", f"# {repo_id or name}", "",
+             (f"A VladVA adapter for `{cfg.base_model or name}`: the generative LVLM turned into a CLIP-like "
+              "embedding model, used through open_clip's API with `vladva_openclip`."), "", "## Usage", "",
+             "```python", "import open_clip", "import vladva_openclip  # registers the VladVA models with open_clip",
+             "", f'model, _, preprocess = open_clip.create_model_and_transforms("{ref}")',
+             f'tokenizer = open_clip.get_tokenizer("{ref}")', "```", ""]
+    if repo_id:
+        lines += [f'Or by model name: `open_clip.create_model("{name}", pretrained="hf-hub:{repo_id}")`.', ""]
+    lines += ["## Base model", "",
+              f"`{cfg.base_model}` (loaded from the Hugging Face Hub or `VLADVA_BASE_DIR`; this repository holds "
+              "only the adapter: LoRA in peft's format, soft prompts and the logit scale)." if cfg.base_model else
+              f"`{name}`'s base weights are built from its registered configuration.", "",
+              "## Recipe", "", *_md_table(recipe), ""]
+    flags = _training_flags(training)
+    if flags:
+        lines += ["## Training flags", "", *_md_table(flags), ""]
+    table = _results_markdown(results, repo_id or name)
+    if table:
+        lines += ["## Evaluation (vladva-eval)", "", table.rstrip(), ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_hub_files(model, path: str | os.PathLike, *, repo_id: str | None = None,
+                    training: Mapping[str, Any] | str | os.PathLike | None = None, results: Any = None,
+                    license: str | None = None) -> None:
+    """Add ``open_clip_config.json`` and ``README.md`` to the adapter directory ``path``."""
+    path = Path(path)
+    (path / CONFIG_NAME).write_text(json.dumps(open_clip_config(model), indent=2) + "\n", encoding="utf-8")
+    (path / CARD_NAME).write_text(model_card(model, repo_id=repo_id, training=training, results=results,
+                                             license=license), encoding="utf-8")
+
+
+def push_to_hub(model, repo_id: str, *, training: Mapping[str, Any] | str | os.PathLike | None = None,
+                results: Any = None, license: str | None = None, include_base: bool = False, private: bool = False,
+                token: str | None = None, revision: str | None = None, create_pr: bool = False,
+                commit_message: str = "Add VladVA adapter") -> Any:
+    """Upload ``model``'s adapter, its ``open_clip_config.json`` and a generated model card to ``repo_id``.
+
+    training: the training flags (a dict, or open_clip_train's ``params.txt``); results: a vladva-eval Report,
+    its ``results.json`` or ``evaluate()``'s dict; include_base: also upload the base weights (tiny models only).
+    Returns what ``HfApi.upload_folder`` returns (the commit).
+    """
+    from huggingface_hub import HfApi
+
+    from .adapters import save_adapter
+
+    _repo_id(HF_HUB_PREFIX + repo_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "adapter"
+        save_adapter(model, folder, include_base=include_base, model_card=True, repo_id=repo_id, training=training,
+                     results=results, license=license)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
+                                   revision=revision, create_pr=create_pr, repo_type="model")
+    _logger.info("pushed %s to %s", model.model_name, repo_id)
+    return commit
+
