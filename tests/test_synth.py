@@ -394,3 +394,105 @@ def test_cli_builds_world(tmp_path, capsys):
     assert len(df) == 4 and Image.open(tmp_path / "train" / df.filepath[0]).size == (32, 32)
     assert not (tmp_path / "train" / "shards").exists()
     assert "retrieval_json" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ caption styles
+
+COARSE = WorldConfig(seed=0, short_captions="coarse", long_captions="compact")
+
+
+@pytest.mark.parametrize("config", [COARSE, CFG.with_(short_captions="coarse")], ids=["compact", "full"])
+def test_coarse_short_caption_says_part_of_what_the_long_one_says(config):
+    """Coarse short captions: their facts are a strict part of the scene's, all of them stated by the long caption,
+    which states everything (objects with size, colour and position, relations, count, background)."""
+    from vladva_openclip.synth.facts import caption_fact_set, scene_fact_set
+
+    world = World(config)
+    named = Counter()
+    for s in [world.sample("train", i) for i in range(300)]:
+        short, long = caption_fact_set(s.short, config), caption_fact_set(s.long, config)
+        scene = scene_fact_set(s.scene, config)
+        assert short <= long, (s.short, s.long, short - long)
+        assert long == scene, (s.long, scene ^ long)
+        assert short < scene and holds(s.short, s.scene, config)
+        kinds = {f[0] for f in short}
+        assert kinds <= {"object", "colour"}, s.short  # no size, relation, position or count
+        n = len(s.scene.objects)
+        mentioned = sum(1 for f in short if f[0] == "object")
+        assert mentioned == 1 if n == 1 else 1 <= mentioned < n, (s.short, n)
+        assert len(tokens(s.short)) <= 10
+        named[("colour" in kinds, mentioned)] += 1
+    assert named[(True, 1)] and named[(False, 1)] and named[(True, 2)]  # every form occurs
+
+
+def test_detailed_short_captions_are_facts_of_the_scene_and_of_the_long_caption():
+    from vladva_openclip.synth.facts import caption_fact_set, scene_fact_set
+
+    for s in _samples("train", 200):
+        short, long = caption_fact_set(s.short, CFG), caption_fact_set(s.long, CFG)
+        assert short <= long == scene_fact_set(s.scene, CFG)
+
+
+def test_fact_set_reads_every_kind_of_fact():
+    from vladva_openclip.synth.facts import caption_fact_set, scene_fact_set
+
+    text = ("The image shows two objects on a light gray background. In the top left corner, there is a small red "
+            "circle. A large blue square is placed on the right side. The red circle is above and to the left of "
+            "the blue square. Nothing else appears in the picture.")
+    facts = caption_fact_set(text, CFG)
+    assert facts == {("count", 2), ("background", "light gray"), ("object", "circle"), ("object", "square"),
+                     ("colour", "circle", "red"), ("size", "circle", "small"), ("colour", "square", "blue"),
+                     ("size", "square", "large"), ("position", "circle", "in the top left corner"),
+                     ("position", "square", "on the right side"), ("relation", "circle", "above", "square"),
+                     ("relation", "circle", "left of", "square")}
+    scene = Scene(objects=(_obj("circle", "red", "small", 0, 0), _obj("square", "blue", "large", 1, 2)),
+                  background="light gray", texture="dotted")
+    assert scene_fact_set(scene, CFG) == facts
+    # "right of" and "below" are read as their converses
+    assert caption_fact_set("a blue square right of a red circle", CFG) == {
+        ("object", "circle"), ("object", "square"), ("colour", "circle", "red"), ("colour", "square", "blue"),
+        ("relation", "circle", "left of", "square")}
+    with pytest.raises(CaptionParseError):
+        caption_fact_set("The red is above.", CFG)
+
+
+def test_compact_long_captions_are_shorter_and_keep_the_detailed_world_unchanged():
+    compact, full = World(COARSE), World(CFG.with_(short_captions="coarse"))
+    n_compact = [len(compact.sample("train", i).long.split()) for i in range(200)]
+    n_full = [len(full.sample("train", i).long.split()) for i in range(200)]
+    assert sum(n_compact) < 0.75 * sum(n_full) and max(n_compact) <= 90
+    # the style of the train split's short captions never changes the images, the long captions or the test split
+    for i in range(20):
+        a, b = full.sample("train", i), WORLD.sample("train", i)
+        assert (a.scene, a.long) == (b.scene, b.long)
+        assert full.sample("test", i) == WORLD.sample("test", i)
+    assert full.negatives(full.sample("test", 3)) == WORLD.negatives(WORLD.sample("test", 3))
+
+
+def test_text_pairs_are_detailed_paraphrases():
+    world = World(COARSE)
+    for i in range(100):
+        caption, para = world.text_pair("train", i)
+        s = world.sample("train", i, short_captions="detailed")
+        assert caption == s.short and para != caption
+        assert parse_caption(para, COARSE).facts() == parse_caption(caption, COARSE).facts()
+        assert holds(para, s.scene, COARSE)
+
+
+def test_unknown_caption_style_is_an_error():
+    with pytest.raises(ValueError, match="short_captions='terse' is not a caption style; known: detailed, coarse"):
+        WorldConfig(short_captions="terse")
+    with pytest.raises(ValueError, match="long_captions"):
+        WorldConfig(long_captions="novel")
+    with pytest.raises(ValueError, match="unknown short-caption style"):
+        WORLD.sample("train", 0, short_captions="terse")
+
+
+def test_build_world_writes_text_pair_columns(tmp_path):
+    paths = build_world(tmp_path / "w", n_train=6, n_test=0, config=COARSE, write_wds=False, text_pairs=True,
+                        progress=False)
+    df = pd.read_csv(paths.train_csv, sep="\t", dtype=str, keep_default_na=False)
+    assert list(df.columns) == ["filepath", "short_caption", "long_caption", "caption", "paraphrase"]
+    world = World(COARSE)
+    assert [tuple(r) for r in df[["caption", "paraphrase"]].values] == [world.text_pair("train", i) for i in range(6)]
+    assert json.loads(paths.config_json.read_text())["config"]["short_captions"] == "coarse"

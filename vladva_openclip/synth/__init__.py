@@ -10,8 +10,20 @@ Everything is a pure function of (seed, split, index).
 
 or ``python -m vladva_openclip.synth --out /tmp/world --n-train 2000 --n-test 200``.
 """
-from .build import DEFAULT_COLUMNS, WorldPaths, build_world
-from .captions import CaptionSpec, NounPhrase, long_caption, paraphrase_spec, realise, sample_short_spec, spec_facts
+from .build import DEFAULT_COLUMNS, PAIR_COLUMNS, WorldPaths, build_world
+from .captions import (
+    LONG_STYLES,
+    SHORT_STYLES,
+    CaptionSpec,
+    NounPhrase,
+    compact_long_caption,
+    long_caption,
+    paraphrase_spec,
+    realise,
+    sample_coarse_spec,
+    sample_short_spec,
+    spec_facts,
+)
 from .config import RELATIONS, WorldConfig
 from .facts import CaptionParseError, ParsedCaption, holds, parse_caption, tokens
 from .negatives import NEGATIVE_TYPES, SUGARCREPE_PP_SUBSETS, SUGARCREPE_SUBSETS, make_negative, make_negatives
@@ -29,11 +41,12 @@ from .writers import (
 )
 
 __all__ = [
-    "DEFAULT_COLUMNS", "NEGATIVE_TYPES", "RELATIONS", "SHAPES", "SUGARCREPE_PP_SUBSETS", "SUGARCREPE_SUBSETS",
-    "TEXTURES", "WINOGROUND_KINDS", "CaptionParseError", "CaptionSpec", "NounPhrase", "ParsedCaption", "Sample",
-    "Scene", "SceneObject", "ShardWriter", "WinogroundExample", "World", "WorldConfig", "WorldPaths", "build_world",
-    "holds", "long_caption", "make_negative", "make_negatives", "make_winoground_example", "paraphrase_spec",
-    "parse_caption", "png_bytes", "realise", "register_shape", "register_texture", "relation_holds", "render_scene",
-    "sample_scene", "sample_short_spec", "spec_facts", "tokens", "write_karpathy_json", "write_sugarcrepe",
-    "write_sugarcrepe_pp", "write_table", "write_winoground_jsonl",
+    "DEFAULT_COLUMNS", "LONG_STYLES", "NEGATIVE_TYPES", "PAIR_COLUMNS", "RELATIONS", "SHAPES", "SHORT_STYLES",
+    "SUGARCREPE_PP_SUBSETS", "SUGARCREPE_SUBSETS", "TEXTURES", "WINOGROUND_KINDS", "CaptionParseError", "CaptionSpec",
+    "NounPhrase", "ParsedCaption", "Sample", "Scene", "SceneObject", "ShardWriter", "WinogroundExample", "World",
+    "WorldConfig", "WorldPaths", "build_world", "compact_long_caption", "holds", "long_caption", "make_negative",
+    "make_negatives", "make_winoground_example", "paraphrase_spec", "parse_caption", "png_bytes", "realise",
+    "register_shape", "register_texture", "relation_holds", "render_scene", "sample_coarse_spec", "sample_scene",
+    "sample_short_spec", "spec_facts", "tokens", "write_karpathy_json", "write_sugarcrepe", "write_sugarcrepe_pp",
+    "write_table", "write_winoground_jsonl",
 ]

@@ -3,7 +3,8 @@
 Layout under ``out_dir``::
 
     world.json                              config and counts (provenance)
-    train/train.tsv                         filepath, short_caption, long_caption; paths relative to train/
+    train/train.tsv                         filepath, short_caption, long_caption (+ caption, paraphrase with
+                                            text_pairs=True); paths relative to train/
     train/images/000000.png ...
     train/shards/shard-000000.tar ...       png, txt (short), long.txt (long); sizes.json
     eval/test.tsv                           held-out split, same columns (a --val-data for training)
@@ -38,6 +39,8 @@ from .writers import (
 _logger = logging.getLogger(__name__)
 
 DEFAULT_COLUMNS = ("filepath", "short_caption", "long_caption")
+#: extra training-table columns with ``text_pairs=True``: a detailed caption and its paraphrase (E5-V-style pairs)
+PAIR_COLUMNS = ("caption", "paraphrase")
 
 
 @dataclass
@@ -80,6 +83,7 @@ def build_world(
     write_eval: bool = True,
     sep: str = "\t",
     columns: tuple[str, str, str] = DEFAULT_COLUMNS,
+    text_pairs: bool = False,
     progress: bool = True,
 ) -> WorldPaths:
     """Render ``n_train`` training and ``n_test`` test scenes and write the files listed in the module docstring.
@@ -89,6 +93,7 @@ def build_world(
         n_winoground: Winoground pairs (default ``max(1, n_test // 2)``); 0 skips the set.
         sep: separator of the tables (``"\\t"`` matches open_clip's default ``--csv-separator``).
         columns: names of the (image path, short caption, long caption) columns.
+        text_pairs: add :data:`PAIR_COLUMNS` to the training table (:meth:`World.text_pair`).
     """
     if n_train < 0 or n_test < 0:
         raise ValueError(f"sample counts must be >= 0, got n_train={n_train}, n_test={n_test}")
@@ -118,6 +123,8 @@ def build_world(
                 name = f"{i:06d}.png"
                 (paths.train_images / name).write_bytes(png)
                 rows.append(_table_row(columns, f"images/{name}", s.short, s.long))
+                if text_pairs:
+                    rows[-1].update(zip(PAIR_COLUMNS, world.text_pair("train", i)))
             if writer is not None:
                 writer.write(f"{i:06d}", {"png": png, "txt": s.short, "long.txt": s.long})
         if write_csv:

@@ -3,11 +3,21 @@
 A short caption is first a :class:`CaptionSpec` (noun phrases, at most one spatial relation, phrasing choices)
 and only then text, via :func:`realise`. Negatives and paraphrases edit the spec, so what changed between two
 captions is known structurally; :mod:`vladva_openclip.synth.facts` parses the text back to check it.
+
+Caption styles are registries (``WorldConfig.short_captions`` / ``long_captions`` pick one by name):
+
+- short: ``detailed`` (every object with its colour, sizes at random, one relation: already compositional) or
+  ``coarse`` (a few words naming only part of the scene: some of its objects, by shape and maybe colour, no size,
+  no relation), the paper's premise for its short, contrastive captions;
+- long: ``full`` (count, background and its texture, every object with size, colour and position, a sentence
+  about each shape, every pairwise relation, a closing sentence; ~90 tokens) or ``compact`` (the same facts
+  without the filler sentences: count, background, objects, relations; ~50 tokens).
 """
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from .config import CONVERSE, WorldConfig
@@ -134,6 +144,28 @@ def sample_short_spec(scene: Scene, config: WorldConfig, rng: random.Random) -> 
     return spec, tuple(order)
 
 
+def sample_coarse_spec(scene: Scene, config: WorldConfig,
+                       rng: random.Random) -> tuple[CaptionSpec, tuple[int, ...]]:
+    """A coarse true caption: only part of the scene, in a few words.
+
+    A scene of ``n >= 2`` objects gets ``1 .. n-1`` of them named, never all; a single object is named by its shape,
+    with its colour half of the time. No sizes, no relations: what the scene's objects look like next to each
+    other is left to the long caption.
+    """
+    n = len(scene.objects)
+    k = 1 if n == 1 else rng.randint(1, n - 1)
+    order = rng.sample(range(n), k)
+    nps = tuple(NounPhrase(shape=scene.objects[i].shape,
+                           colour=scene.objects[i].colour if rng.random() < 0.5 else None) for i in order)
+    prefix = PREFIXES[0] if rng.random() < 0.6 else rng.choice(PREFIXES[1:])
+    return CaptionSpec(nps=nps, prefix=prefix), tuple(order)
+
+
+ShortStyle = Callable[[Scene, WorldConfig, random.Random], tuple[CaptionSpec, tuple[int, ...]]]
+#: short-caption style name -> spec sampler (``WorldConfig.short_captions``)
+SHORT_STYLES: dict[str, ShortStyle] = {"detailed": sample_short_spec, "coarse": sample_coarse_spec}
+
+
 def paraphrase_spec(spec: CaptionSpec, rng: random.Random) -> CaptionSpec:
     """Same facts, different words: the converse relation with its arguments swapped, and another opener."""
     new = spec
@@ -192,34 +224,33 @@ def _relation_words(rels: tuple[str, ...]) -> str:
     return " and ".join(words[r] for r in ordered)
 
 
-def long_caption(scene: Scene, config: WorldConfig, rng: random.Random, max_words: int = 120) -> str:
-    """A detailed description (about 30-120 words): count, background, each object with size, colour and
-    position in the frame, and every pairwise spatial relation. Optional detail sentences are dropped to stay
-    within ``max_words`` where possible."""
+def _count_sentence(scene: Scene, rng: random.Random) -> str:
     n = len(scene.objects)
     count = rng.choice(_COUNT_WORDS.get(n, (f"{n} objects",)))
     bg = scene.background
-    sentences = [rng.choice((
+    return rng.choice((
         f"The image shows {count} on a {bg} background.",
         f"This picture contains {count} drawn on a {bg} background.",
         f"In this image there are {count} on a {bg} background." if n > 1 else
         f"In this image there is {count} on a {bg} background.",
-    ))]
-    optional: list[int] = []  # shape-detail sentences, dropped (last first) if the text runs past max_words
-    sentences.append(f"The background is {bg} {_TEXTURE_DETAIL.get(scene.texture, 'with a light texture')}.")
-    for obj in scene.objects:
-        what = f"{obj.size} {obj.colour} {obj.shape}"
-        where = position_phrase(obj, config.grid)
-        sentences.append(rng.choice((
-            f"{where.capitalize()}, there is {article(what)} {what}.",
-            f"{article(what).capitalize()} {what} is located {where} of the frame."
-            if "corner" in where else f"{article(what).capitalize()} {what} is placed {where}.",
-            f"{where.capitalize()} we can see {article(what)} {what}.",
-        )))
-        if n < 3 or rng.random() < 0.5:
-            detail = _SHAPE_DETAIL.get(obj.shape, "has a simple outline")
-            sentences.append(f"The {obj.shape} {detail}.")
-            optional.append(len(sentences) - 1)
+    ))
+
+
+def _object_sentence(obj: SceneObject, config: WorldConfig, rng: random.Random) -> str:
+    what = f"{obj.size} {obj.colour} {obj.shape}"
+    where = position_phrase(obj, config.grid)
+    return rng.choice((
+        f"{where.capitalize()}, there is {article(what)} {what}.",
+        f"{article(what).capitalize()} {what} is located {where} of the frame."
+        if "corner" in where else f"{article(what).capitalize()} {what} is placed {where}.",
+        f"{where.capitalize()} we can see {article(what)} {what}.",
+    ))
+
+
+def _relation_sentences(scene: Scene, rng: random.Random) -> list[str]:
+    """One sentence per pair of objects with every relation between them, in a random direction."""
+    out = []
+    n = len(scene.objects)
     for a in range(n):
         for b in range(a + 1, n):
             oa, ob = scene.objects[a], scene.objects[b]
@@ -227,7 +258,26 @@ def long_caption(scene: Scene, config: WorldConfig, rng: random.Random, max_word
                 oa, ob, rels = ob, oa, scene.relations(b, a)
             else:
                 rels = scene.relations(a, b)
-            sentences.append(f"The {oa.name} is {_relation_words(rels)} the {ob.name}.")
+            out.append(f"The {oa.name} is {_relation_words(rels)} the {ob.name}.")
+    return out
+
+
+def long_caption(scene: Scene, config: WorldConfig, rng: random.Random, max_words: int = 120) -> str:
+    """A detailed description (about 30-120 words): count, background, each object with size, colour and
+    position in the frame, and every pairwise spatial relation. Optional detail sentences are dropped to stay
+    within ``max_words`` where possible."""
+    n = len(scene.objects)
+    sentences = [_count_sentence(scene, rng)]
+    optional: list[int] = []  # shape-detail sentences, dropped (last first) if the text runs past max_words
+    sentences.append(f"The background is {scene.background} "
+                     f"{_TEXTURE_DETAIL.get(scene.texture, 'with a light texture')}.")
+    for obj in scene.objects:
+        sentences.append(_object_sentence(obj, config, rng))
+        if n < 3 or rng.random() < 0.5:
+            detail = _SHAPE_DETAIL.get(obj.shape, "has a simple outline")
+            sentences.append(f"The {obj.shape} {detail}.")
+            optional.append(len(sentences) - 1)
+    sentences.extend(_relation_sentences(scene, rng))
     sentences.append(rng.choice(
         ("It is the only object in the picture.", "Nothing else appears in the picture.") if n == 1 else
         ("There is nothing else in the image.", "No other objects are visible.",
@@ -236,3 +286,17 @@ def long_caption(scene: Scene, config: WorldConfig, rng: random.Random, max_word
     while optional and sum(len(x.split()) for x in sentences) > max_words:
         sentences[optional.pop()] = ""
     return " ".join(x for x in sentences if x)
+
+
+def compact_long_caption(scene: Scene, config: WorldConfig, rng: random.Random) -> str:
+    """Every fact of :func:`long_caption` (count, background, each object's size, colour and position, every
+    pairwise relation) without its filler sentences (texture, what each shape looks like, the closing line)."""
+    sentences = [_count_sentence(scene, rng)]
+    sentences.extend(_object_sentence(obj, config, rng) for obj in scene.objects)
+    sentences.extend(_relation_sentences(scene, rng))
+    return " ".join(sentences)
+
+
+LongStyle = Callable[[Scene, WorldConfig, random.Random], str]
+#: long-caption style name -> writer (``WorldConfig.long_captions``)
+LONG_STYLES: dict[str, LongStyle] = {"full": long_caption, "compact": compact_long_caption}

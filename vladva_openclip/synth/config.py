@@ -68,6 +68,10 @@ class WorldConfig:
             "the red one" and "the circle" always name exactly one object).
         heldout: (colour, shape) pairs absent from the train split; every test scene has at least one.
         captions_per_image: distinct short captions per test image in the retrieval set (Karpathy ``sentences``).
+        short_captions: style of the TRAIN split's short captions (``detailed`` or ``coarse``, see
+            :mod:`vladva_openclip.synth.captions`). Evaluation items (the test split, its negatives, paraphrases
+            and retrieval captions, Winoground) are always detailed, as benchmark captions are.
+        long_captions: style of the long descriptions (``full`` or ``compact``), both splits.
         seed: base seed; every scene is a pure function of (seed, split, index).
     """
 
@@ -84,6 +88,8 @@ class WorldConfig:
     max_objects: int = 3
     heldout: tuple[tuple[str, str], ...] = DEFAULT_HELDOUT
     captions_per_image: int = 2
+    short_captions: str = "detailed"
+    long_captions: str = "full"
     seed: int = 0
 
     def __post_init__(self):
@@ -122,6 +128,12 @@ class WorldConfig:
                 raise ValueError(f"every colour of {shape!r} is held out; the train split could not contain it")
         if self.captions_per_image < 1:
             raise ValueError(f"captions_per_image must be >= 1, got {self.captions_per_image}")
+        from .captions import LONG_STYLES, SHORT_STYLES  # (captions.py imports this module)
+
+        for what, value, known in (("short_captions", self.short_captions, SHORT_STYLES),
+                                   ("long_captions", self.long_captions, LONG_STYLES)):
+            if value not in known:
+                raise ValueError(f"{what}={value!r} is not a caption style; known: {', '.join(known)}")
 
     @property
     def heldout_set(self) -> frozenset[tuple[str, str]]:

@@ -4,6 +4,11 @@ It reads any caption the generator writes (positives, paraphrases, every negativ
 decides whether it is true of a scene: there must be a one-to-one assignment of its noun phrases to distinct
 scene objects that matches every mentioned attribute and every relation. Words outside the vocabulary
 (articles, openers such as "there is") carry no facts and are skipped.
+
+:func:`caption_fact_set` reads short captions and long descriptions alike into atomic facts grounded on shapes
+(objects of a scene never share a shape): objects, colours, sizes, positions in the frame, pairwise relations,
+the object count and the background. :func:`scene_fact_set` lists the same facts for a scene, so "caption A says
+no more than caption B" and "the caption is true of the scene" are set inclusions.
 """
 from __future__ import annotations
 
@@ -12,9 +17,9 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-from .captions import REL_PHRASES, CaptionSpec, NounPhrase, spec_facts
-from .config import WorldConfig
-from .scene import Scene, relation_holds
+from .captions import _COL_WORDS, _COUNT_WORDS, _ROW_WORDS, REL_PHRASES, CaptionSpec, NounPhrase, spec_facts
+from .config import CONVERSE, RELATIONS, WorldConfig
+from .scene import Scene, SceneObject, relation_holds
 
 _REL_TOKENS: list[tuple[tuple[str, ...], str]] = sorted(
     ((tuple(p.split()), rel) for rel, phrases in REL_PHRASES.items() for p in phrases),
@@ -113,3 +118,105 @@ def holds(caption: str | ParsedCaption, scene: Scene, config: WorldConfig) -> bo
         if all(relation_holds(objs[assign[i]], rel, objs[assign[j]]) for i, rel, j in parsed.relations):
             return True
     return False
+
+
+# ---------------------------------------------------------------------------------------------- atomic facts
+
+#: ``("object", shape)``, ``("colour", shape, colour)``, ``("size", shape, size)``, ``("position", shape, phrase)``,
+#: ``("relation", shape, "left of" | "above", shape)``, ``("count", n)``, ``("background", name)``
+Fact = tuple
+_RELATION_SENTENCE = re.compile(r"^the (?P<a>.+?) is (?P<rels>.+) the (?P<b>.+?)$")
+_PHRASE_TO_REL = {p: rel for rel, phrases in REL_PHRASES.items() for p in phrases}
+_COUNTS = {word.split()[-2]: n for n, words in _COUNT_WORDS.items() for word in words}  # "two" -> 2, "single" -> 1
+
+
+def _positions() -> list[str]:
+    """Every phrase :func:`~vladva_openclip.synth.captions.position_phrase` writes, longest first."""
+    out = {"in the center"}
+    out |= {f"on the {c} side" for c in _COL_WORDS if c != "center"}
+    out |= {f"at the {r}" for r in _ROW_WORDS if r != "middle"}
+    out |= {f"in the {r} {c} corner" for r in _ROW_WORDS if r != "middle" for c in _COL_WORDS if c != "center"}
+    return sorted(out, key=len, reverse=True)
+
+
+_POSITION_PHRASES = _positions()
+
+
+def _normalised(a: str, rel: str, b: str) -> Fact:
+    """``A right of B`` is ``B left of A``; ``A below B`` is ``B above A``."""
+    return ("relation", b, CONVERSE[rel], a) if rel in ("right of", "below") else ("relation", a, rel, b)
+
+
+def _np_facts(np_: NounPhrase) -> set[Fact]:
+    out: set[Fact] = {("object", np_.shape)}
+    if np_.colour:
+        out.add(("colour", np_.shape, np_.colour))
+    if np_.size:
+        out.add(("size", np_.shape, np_.size))
+    return out
+
+
+def parsed_fact_set(parsed: ParsedCaption) -> set[Fact]:
+    """The atomic facts of one parsed caption (noun phrases and relations)."""
+    out: set[Fact] = set()
+    for np_ in parsed.nps:
+        out |= _np_facts(np_)
+    for i, rel, j in parsed.relations:
+        out.add(_normalised(parsed.nps[i].shape, rel, parsed.nps[j].shape))
+    return out
+
+
+def _sentence_facts(sentence: str, config: WorldConfig) -> set[Fact]:
+    words = sentence.split()
+    out: set[Fact] = set()
+    if "background" in words:  # "on a light gray background", "The background is beige with ... small dots"
+        out |= {("background", b) for b in config.backgrounds if f"{b} background" in sentence
+                or f"background is {b}" in sentence}
+        out |= {("count", n) for w, n in _COUNTS.items() if f"{w} object" in sentence or f"{w} shape" in sentence}
+        return out
+    m = _RELATION_SENTENCE.match(sentence)
+    phrases = [p.strip() for p in m["rels"].split(" and ")] if m else []
+    if m and phrases and all(p in _PHRASE_TO_REL for p in phrases):
+        clauses = [f"{m['a']} {p} {m['b']}" for p in phrases]  # "the A is above and to the left of the B"
+    else:
+        clauses = [sentence]
+    position = next((p for p in _POSITION_PHRASES if p in sentence), None)
+    for clause in clauses:
+        parsed = parse_caption(clause, config)
+        out |= parsed_fact_set(parsed)
+        if position is not None and len(parsed.nps) == 1:
+            out.add(("position", parsed.nps[0].shape, position))
+    return out
+
+
+def caption_fact_set(text: str, config: WorldConfig) -> frozenset[Fact]:
+    """Every atomic fact a short caption or a long description states (see the module docstring).
+
+    Sentences that name nothing of the vocabulary ("Nothing else appears in the picture.") state nothing.
+
+    Raises:
+        CaptionParseError: a sentence names vocabulary words but is not in the world's language.
+    """
+    vocab = {*config.shapes, *config.colours, *config.sizes}
+    out: set[Fact] = set()
+    for raw in re.split(r"[.!?]+", text.lower()):
+        sentence = " ".join(re.findall(r"[a-z0-9]+", raw))
+        if sentence and (vocab & set(sentence.split()) or "background" in sentence):
+            out |= _sentence_facts(sentence, config)
+    return frozenset(out)
+
+
+def scene_fact_set(scene: Scene, config: WorldConfig) -> frozenset[Fact]:
+    """Everything true of ``scene`` in :func:`caption_fact_set`'s terms."""
+    from .captions import position_phrase
+
+    objs: tuple[SceneObject, ...] = scene.objects
+    out: set[Fact] = {("count", len(objs)), ("background", scene.background)}
+    for o in objs:
+        out |= _np_facts(NounPhrase(o.shape, o.colour, o.size))
+        out.add(("position", o.shape, position_phrase(o, config.grid)))
+    for a, oa in enumerate(objs):
+        for b, ob in enumerate(objs):
+            if a != b:
+                out |= {_normalised(oa.shape, r, ob.shape) for r in RELATIONS if relation_holds(oa, r, ob)}
+    return frozenset(out)

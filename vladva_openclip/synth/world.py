@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from .captions import CaptionSpec, long_caption, paraphrase_spec, realise, sample_short_spec
+from .captions import LONG_STYLES, SHORT_STYLES, CaptionSpec, paraphrase_spec, realise, sample_short_spec
 from .config import WorldConfig
 from .negatives import SUGARCREPE_SUBSETS, make_negatives
 from .render import render_scene
@@ -57,13 +57,26 @@ class World:
     def scene(self, split: str, index: int) -> Scene:
         return sample_scene(self.config, split, index)
 
-    def sample(self, split: str, index: int) -> Sample:
+    def sample(self, split: str, index: int, short_captions: str | None = None) -> Sample:
+        """Scene ``index`` of ``split`` with its captions. ``short_captions`` overrides the style of the short
+        caption (default: ``config.short_captions`` for the train split, ``detailed`` for the test split)."""
         scene = self.scene(split, index)
         cfg = self.config
-        spec, binding = sample_short_spec(scene, cfg, scene_rng(cfg.seed, split, index, "short"))
-        long = long_caption(scene, cfg, scene_rng(cfg.seed, split, index, "long"))
+        style = short_captions or (cfg.short_captions if split == "train" else "detailed")
+        if style not in SHORT_STYLES:
+            raise ValueError(f"unknown short-caption style {style!r}; known: {', '.join(SHORT_STYLES)}")
+        # The detailed style keeps the stream it always had, so the detailed world's captions never change.
+        stream = "short" if style == "detailed" else f"short-{style}"
+        spec, binding = SHORT_STYLES[style](scene, cfg, scene_rng(cfg.seed, split, index, stream))
+        long = LONG_STYLES[cfg.long_captions](scene, cfg, scene_rng(cfg.seed, split, index, "long"))
         return Sample(split=split, index=index, scene=scene, spec=spec, binding=binding, short=realise(spec),
                       long=long)
+
+    def text_pair(self, split: str, index: int) -> tuple[str, str]:
+        """A detailed caption of the scene and its SugarCrepe++-style paraphrase (same facts, other words): the
+        positive pairs of text-only (E5-V-style) contrastive training."""
+        s = self.sample(split, index, short_captions="detailed")
+        return s.short, self.paraphrase(s)
 
     def render(self, scene: Scene) -> Image.Image:
         return render_scene(scene, self.config)
