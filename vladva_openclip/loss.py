@@ -20,8 +20,9 @@ class VladVALoss(nn.Module):
 
     Args:
         local_loss, gather_with_grad, cache_labels, rank, world_size, use_horovod: as open_clip's ClipLoss.
-        contrastive_weight: weight of the contrastive term (paper: 1).
-        ar_weight: weight of the next-token term (paper: 1, the losses are summed).
+        contrastive_weight: weight of the contrastive term. The term is ClipLoss's MEAN of the two directions;
+            the paper's formula sums them, so ``contrastive_weight=2`` reproduces the paper's scale.
+        ar_weight: weight of the next-token term (mean NLL per token; paper: 1, the losses are summed).
     """
 
     def __init__(self, local_loss: bool = False, gather_with_grad: bool = False, cache_labels: bool = False,
