@@ -15,6 +15,7 @@ from .adapters import AdapterError, load_adapter, save_adapter, save_base
 from .backbones import BaseModelError, WeightsNotFoundError
 from .config import LoraSettings, PromptConfig, TemplateConfig, VladVAConfig
 from .factory import count_parameters, create_vladva
+from .hub import push_to_hub
 from .integration import install, is_installed, uninstall
 from .model import VladVA
 from .registry import list_vladva_models, model_entrypoints, register_pretrained
@@ -25,5 +26,5 @@ install()
 __all__ = [
     "AdapterError", "BaseModelError", "LoraSettings", "PromptConfig", "TemplateConfig", "VladVA", "VladVAConfig", "VladVATokenizer",
     "WeightsNotFoundError", "count_parameters", "create_vladva", "install", "is_installed", "list_vladva_models",
-    "load_adapter", "model_entrypoints", "register_pretrained", "save_adapter", "save_base", "uninstall",
+    "load_adapter", "model_entrypoints", "push_to_hub", "register_pretrained", "save_adapter", "save_base", "uninstall",
 ]

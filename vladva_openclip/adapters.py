@@ -74,15 +74,21 @@ def _extras(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(model, path: str | os.PathLike, include_base: bool = False) -> Path:
+def save_adapter(model, path: str | os.PathLike, include_base: bool = False, model_card: bool = False,
+                 **card: Any) -> Path:
     """Write ``model``'s trainable state as an adapter directory (atomically).
 
     Args:
         path: the directory to create or replace.
         include_base: also write the full base weights (meant for tiny models only).
+        model_card: also write ``open_clip_config.json`` and a ``README.md`` model card, i.e. the folder
+            :func:`vladva_openclip.push_to_hub` uploads (``local-dir:PATH`` then loads it too); ``card`` takes
+            :func:`vladva_openclip.hub.model_card`'s keywords (``repo_id``, ``training``, ``results``, ``license``).
     """
     from peft.utils import get_peft_model_state_dict
 
+    if card and not model_card:
+        raise TypeError(f"{sorted(card)} describe the model card: pass model_card=True as well")
     if model.merged:
         raise AdapterError("LoRA is merged into the base weights; save the adapter before calling merge_adapters()")
     path = Path(path)
@@ -101,6 +107,10 @@ def save_adapter(model, path: str | os.PathLike, include_base: bool = False) -> 
             base = {k.replace(".base_layer.", "."): v for k, v in base.items()}
             save_safetensors(_dedupe_shared(base), str(tmp / BASE_FILE))
         (tmp / META_FILE).write_text(json.dumps(adapter_meta(model), indent=2) + "\n")
+        if model_card:
+            from .hub import write_hub_files
+
+            write_hub_files(model, tmp, **card)
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

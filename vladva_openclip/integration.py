@@ -25,6 +25,13 @@ _added_config_path: list[Any] = []
 _added_configs: list[str] = []
 
 
+def _hub_target(name: Any, cache_dir: str | None) -> str | None:
+    """The VladVA model an ``hf-hub:``/``local-dir:`` name's open_clip_config.json names (None: not one)."""
+    from .hub import hub_model_name, is_schema_name
+
+    return hub_model_name(name, cache_dir=cache_dir) if is_schema_name(name) else None
+
+
 def _vladva_create_model(original: Callable) -> Callable:
     signature = inspect.signature(original)
 
@@ -34,13 +41,18 @@ def _vladva_create_model(original: Callable) -> Callable:
 
         bound = signature.bind(*args, **kwargs)
         name = bound.arguments.get("model_name")
-        if not is_vladva_name(name):
+        hub = _hub_target(name, bound.arguments.get("cache_dir"))
+        if not is_vladva_name(hub or name):
             return original(*args, **kwargs)
         from .factory import create_vladva
 
         params = dict(bound.arguments)
         params.update(params.pop("model_kwargs", {}))
         params.pop("model_name")
+        if hub:  # hf-hub:/local-dir: repository of a VladVA adapter: it is the pretrained weights, as in open_clip
+            if params.get("pretrained"):
+                _logger.warning("ignoring pretrained=%r: %s names its own weights", params["pretrained"], name)
+            name, params["pretrained"] = hub, name
         return create_vladva(name, **params)
 
     setattr(create_model, _MARK, True)
@@ -53,6 +65,7 @@ def _vladva_get_tokenizer(original: Callable) -> Callable:
                       **kwargs: Any):
         from .registry import is_vladva_name
 
+        model_name = _hub_target(model_name, cache_dir) or model_name
         if not is_vladva_name(model_name):
             return original(model_name, context_length=context_length, cache_dir=cache_dir, **kwargs)
         from .factory import build_tokenizer, tokenizer_config
