@@ -592,8 +592,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     if par:
         out.append(f"{par.get('passed', 0)} passed, {par.get('failed', 0)} failed, {par.get('skipped', 0)} skipped "
                    f"(pytest exit code {_fmt(par.get('pytest_exit_code'))}).")
-        for t in (par.get("not_passed") or [])[:30]:
-            out.append(f"- `{t['nodeid']}`: {t['outcome']} {('- ' + t['message']) if t.get('message') else ''}")
+        not_passed = par.get("not_passed") or []
+        for t in not_passed[:15]:
+            out.append(f"- `{t['nodeid']}`: {t['outcome']} {('- ' + t['message'][:200]) if t.get('message') else ''}")
+        if len(not_passed) > 15:
+            out.append(f"- ... and {len(not_passed) - 15} more (gpu_check.json)")
     else:
         out.append("not run")
 
@@ -801,6 +804,10 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     markdown = render_markdown(results)
     print("\n" + markdown, flush=True)
+    # A short summary last: a tool that returns only the output's tail still gets the verdicts.
+    print("\n".join(["", "Summary:", _device_line(results)]
+                    + [f"- {name}: {st.get('status', 'not run')}" for name, st in results["stages"].items()]
+                    + [f"- goal: {g['goal']}: {g['status']} ({g['detail']})" for g in results["goals"]]), flush=True)
     log.say(f"done in {time.time() - start:.0f} s: {out / 'gpu_check.json'}, {out / 'gpu_check.md'}")
     return 0
 

@@ -102,7 +102,10 @@ def run_loss(res: C.StageResult, device: str, cases: list[tuple[int, int, str]],
             row = {"n": n, "d": d, "dtype": dtype, "provider": provider}
             if provider == "fused":
                 if (d, dtype) not in impls:
-                    impls[(d, dtype)] = fused_impl(n, d, dtype, device)
+                    try:
+                        impls[(d, dtype)] = fused_impl(n, d, dtype, device)
+                    except Exception as err:  # noqa: BLE001 - the label is informative; the measurement matters
+                        impls[(d, dtype)] = f"unknown ({C.error_text(err)})"
                 row["impl"] = impls[(d, dtype)]
             need = estimate_seconds(provider, n, d, dtype, rates) if device == "cuda" else 1.0
             if stop_at - time.time() < need:

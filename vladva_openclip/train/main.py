@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import install
+from ..progress import progress as tqdm
 from ..registry import is_vladva_name
 from ._common import TrainInputError
 from .args import model_kwargs, split_args
