@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
+from ..progress import progress as tqdm
 from .errors import MissingImagesError, UnreadableImageError, UnreadableImagesError
 
 __all__ = ["IMAGE_ERRORS", "IMAGE_EXTENSIONS", "ImageSet", "check_missing", "find_missing", "resolve_stem",
