@@ -18,6 +18,7 @@ import torch
 
 from .embed import EmbedConfig, Embedder, model_precision
 from .errors import UnreadableImageError, UnreadableImagesError
+from .generative import GenerativeConfig, GenerativeScorer, check_generative_tasks, run_generative
 from .images import ImageSet, unreadable_images
 from .report import Report
 from .tasks import Task, build_task
@@ -39,6 +40,8 @@ _SCHEMAS = ("hf-hub:", "local-dir:")
 _SKIPPED_UNREADABLE: weakref.WeakKeyDictionary[Task, dict[str, str]] = weakref.WeakKeyDictionary()
 #: how many of them the info lists by name (the count is always exact)
 LISTED_UNREADABLE = 50
+#: how a caption is scored for an image (``evaluate(..., scoring=...)``, ``vladva-eval --scoring``)
+SCORINGS = ("embedding", "generative")
 
 
 class ModelLoadError(RuntimeError):
@@ -183,6 +186,7 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     model_id: str | None = None,
     progress: bool = True,
+    scoring: str = "embedding",
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one built model on the tasks.
 
@@ -190,16 +194,32 @@ def evaluate(
     ``encode_image``/``encode_text`` are used); tasks: Task objects or dicts ``{"task": type, ...}``;
     device: moves the model there (None: leave it where it is); precision: "fp32", "amp", "amp_bf16" (autocast;
     casting weights is the caller's business here); cache_dir: embedding cache (None: no cache);
-    model_id: names the weights in the cache key (the weights are hashed too).
+    model_id: names the weights in the cache key (the weights are hashed too); scoring: ``"embedding"`` (cosine of
+    the towers' embeddings) or ``"generative"`` (the LVLM's log-likelihood of each caption given the image, VladVA
+    models and pair tasks only, see :mod:`.generative`).
     Returns ``{task name: {"task", "name", "metrics": {key: percent}, "info": {...}, "seconds"}}``; ``info``
     counts the image files left out as unreadable (``n_unreadable_images``, with ``skip_missing``).
     Raises :class:`~.errors.UnreadableImagesError` (naming the files) when an image cannot be decoded and the
     task does not skip missing images.
     """
     prepared = prepare_tasks(tasks)
+    if scoring == "generative":
+        return run_generative(_scorer(model, preprocess, tokenizer, device, batch_size, progress), prepared)
+    _check_scoring(scoring)
     return _run_tasks(_embedder(model, preprocess, tokenizer, device=device, precision=precision,
                                 batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
                                 model_id=model_id, progress=progress), prepared)
+
+
+def _check_scoring(scoring: str) -> None:
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+
+
+def _scorer(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, device, batch_size: int,
+            progress: bool) -> GenerativeScorer:
+    return GenerativeScorer(model, preprocess, tokenizer, GenerativeConfig(batch_size=batch_size, progress=progress),
+                            device=device)
 
 
 def _embedder(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable, *, device, precision: str,
@@ -224,6 +244,7 @@ def evaluate_models(
     progress: bool = True,
     loader: Callable[..., tuple[torch.nn.Module, Callable, Callable]] = load_model,
     output_dir: str | os.PathLike | None = None,
+    scoring: str = "embedding",
 ) -> Report:
     """Build each model in turn (``"NAME[:PRETRAINED]"`` or ModelSpec), evaluate it on every task, free it.
 
@@ -232,14 +253,17 @@ def evaluate_models(
     raises :class:`ModelLoadError`, which carries the report of the models done so far.
     output_dir: if given, the report is saved there (atomically) after every task and when the run stops on an
     error, so results.json always holds the tasks that finished; ``meta["status"]`` is "running", "complete" or
-    "failed" (then ``meta["error"]`` says why).
+    "failed" (then ``meta["error"]`` says why). scoring: as :func:`evaluate`'s.
     """
+    _check_scoring(scoring)
     specs = [parse_model_spec(m) if isinstance(m, str) else m for m in models]
     if not specs:
         raise ValueError("no models given")
     prepared = prepare_tasks(tasks)
+    if scoring == "generative":
+        check_generative_tasks(prepared)
     report = Report(meta={**_environment(), "device": str(device), "precision": precision,
-                          "batch_size": batch_size, "status": "running"},
+                          "batch_size": batch_size, "scoring": scoring, "status": "running"},
                     models=[{"label": s.label, "name": s.name, "pretrained": s.pretrained} for s in specs])
 
     def save() -> None:
@@ -254,15 +278,21 @@ def evaluate_models(
             except Exception as err:  # unknown name, bad tag, unreadable checkpoint: say which model, keep results
                 raise ModelLoadError(f"cannot build model {spec.name!r} (pretrained={spec.pretrained!r}): "
                                      f"{type(err).__name__}: {err}", report) from err
-            embedder = _embedder(model, preprocess, tokenizer, device=device, precision=precision,
-                                 batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
-                                 model_id=spec.model_id, progress=progress)
-
             def add(result: dict[str, Any], label: str = spec.label) -> None:
                 report.add(label, result)
                 save()
 
-            _run_tasks(embedder, prepared, on_result=add)
+            if scoring == "generative":
+                try:
+                    embedder = _scorer(model, preprocess, tokenizer, device, batch_size, progress)
+                except TypeError as err:  # not an LVLM: say which model, keep the results so far
+                    raise ModelLoadError(f"cannot score model {spec.name!r} generatively: {err}", report) from err
+                run_generative(embedder, prepared, on_result=add)
+            else:
+                embedder = _embedder(model, preprocess, tokenizer, device=device, precision=precision,
+                                     batch_size=batch_size, num_workers=num_workers, cache_dir=cache_dir,
+                                     model_id=spec.model_id, progress=progress)
+                _run_tasks(embedder, prepared, on_result=add)
             del model, preprocess, tokenizer, embedder
             if torch.cuda.is_available():  # hand the weights' memory back before the next model is built
                 gc.collect()

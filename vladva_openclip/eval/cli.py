@@ -26,6 +26,7 @@ from .api import ModelLoadError, evaluate_models, parse_model_spec, prepare_task
 from .cache import default_cache_dir
 from .embed import PRECISIONS
 from .errors import EvalDataError
+from .generative import check_generative_tasks
 from .tasks import TASKS
 
 __all__ = ["build_parser", "main"]
@@ -100,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="amp/amp_bf16: autocast; fp16/bf16/pure_*: weights cast by open_clip. A VladVA base is "
                         "loaded straight in bf16 for amp_bf16/bf16/pure_bf16 (fp16 for fp16/pure_fp16)")
     p.add_argument("--batch-size", type=int, default=64, help="images or texts per forward (default: %(default)s)")
+    p.add_argument("--scoring", choices=("embedding", "generative"), default="embedding",
+                   help="embedding: cosine of the image and text embeddings; generative: the LVLM's own "
+                        "log-likelihood of each caption given the image (VladVA models; sugarcrepe, sugarcrepe_pp "
+                        "ITT and winoground only)")
     p.add_argument("--workers", type=int, default=4, help="image-decoding worker processes")
     p.add_argument("--cache-dir", default=str(default_cache_dir()), help="embedding cache (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the embedding cache")
@@ -138,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             open_clip.add_model_config(d)
     try:  # read every task's data before building any model: bad input fails fast, with a message
         prepared = prepare_tasks(tasks)
+        if args.scoring == "generative":
+            check_generative_tasks(prepared)
     except (EvalDataError, TypeError, ValueError) as err:
         print(f"vladva-eval: error: {err}", file=sys.stderr)
         return 2
@@ -145,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = evaluate_models(args.model, prepared, device=args.device, precision=args.precision,
                                  batch_size=args.batch_size, num_workers=args.workers,
                                  cache_dir=None if args.no_cache else args.cache_dir, progress=not args.no_progress,
-                                 output_dir=args.output_dir)
+                                 output_dir=args.output_dir, scoring=args.scoring)
     except (ModelLoadError, EvalDataError) as err:
         results = Path(args.output_dir) / "results.json"
         if results.is_file():  # written by evaluate_models as the run stopped
