@@ -79,7 +79,7 @@ def test_dry_run_runs_every_stage_and_writes_json_and_markdown(dry_run):
         # two LLM passes per step: [image | prompt | long caption] and [short caption | prompt]
         (b1, t1), (b2, t2) = row["llm_calls"]
         assert b1 == b2 == 2 and t1 > 12 and 4 < t2 < t1
-        assert row["labelled_tokens"] == 2 * (12 + 1)  # caption tokens + EOS, per sample
+        assert 2 * 12 <= row["labelled_tokens"] <= 2 * (12 + 1)  # each long caption's tokens (+ EOS)
     # the formula and torch's own count of the same step agree to within what LoRA adds at width 64
     assert 0.7 < models[("tiny-llava", 2)]["counted_over_hardware"] < 1.6
     (extra,) = train["extrapolated"]
