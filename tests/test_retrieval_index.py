@@ -98,3 +98,15 @@ def test_missing_faiss_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)
     with pytest.raises(ImportError, match=r"vladva_openclip\[index\]"):
         import_faiss()
+
+
+def test_cli(vectors, tmp_path, capsys):
+    from vladva_openclip.cli import main
+
+    root, _ = vectors
+    assert main(["index", str(root), "-o", str(tmp_path), "--flat-threshold", "10000", "--queries", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "Flat over 6000 x 32 vectors" in out and "expected recall@10 1.0" in out
+    assert json.loads((tmp_path / "image.index.json").read_text())["config"]["flat_threshold"] == 10000
+    assert main(["index", str(tmp_path / "nothing"), "-o", str(tmp_path / "x")]) == 2
+    assert "holds no img_emb" in capsys.readouterr().err
