@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from .._fs import make_temp_file
 
 __all__ = [
     "KINDS",
@@ -51,11 +52,14 @@ def shard_name(k: int, partition_count: int) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to a temporary file next to ``path``, fsync it, and rename it over ``path``."""
+    """Write ``data`` to a temporary file next to ``path``, fsync it, and rename it over ``path``.
+
+    The temporary file gets the umask's permissions (``make_temp_file``; mkstemp's 0600 would stay on the shard).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
