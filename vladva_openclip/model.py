@@ -68,6 +68,8 @@ class VladVA(nn.Module):
         emb = self.embedding
         # Models trained for the AR loss run the long-caption pass; the trainer turns it off for --ar-weight 0.
         self.compute_ar = True
+        # --text-pairs (E5-V-style): packed row 1 is a second text; its text embedding stands in for the image's.
+        self.text_pairs = False
         self.image_placeholder = self._image_placeholder(tokenizer)
         image_split = self._image_split(tokenizer, cfg.image_prompt.text)
         self.image_body_id_list = list(image_split.body)
@@ -348,7 +350,10 @@ class VladVA(nn.Module):
             if text.shape[1] != 2:
                 raise ValueError(f"packed text must be [B, 2, L] (short, long), got {tuple(text.shape)}")
             short, long = text[:, 0], text[:, 1]
-            if image is not None and self.compute_ar:
+            if self.text_pairs:
+                out["image_features"] = self.encode_text(long, normalize=True)
+                image = None
+            elif image is not None and self.compute_ar:
                 # open_clip's accumulation caches features in a no-grad pass while training: the caption is
                 # skipped there (its loss comes from the gradient pass). In eval mode the AR loss is computed.
                 compute_ar = torch.is_grad_enabled() or not self.training

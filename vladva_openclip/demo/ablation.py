@@ -1,11 +1,13 @@
-"""The paper's Table 4 in miniature: zero-shot / + soft prompt / + LoRA / + LoRA + soft prompt / + AR loss, each
-fine-tuned from the shipped captioner with the demo's budget, over several seeds (seed s: world seed s, training
-seed s, so both the data and its order change), reported as mean and standard deviation.
+"""The paper's Table 4 in miniature: zero-shot / + soft prompt / + LoRA / + LoRA + soft prompt / + AR loss, and the
+E5-V-style baseline, each fine-tuned from the shipped captioner with the demo's budget, over several seeds (seed s:
+world seed s, training seed s, so both the data and its order change), reported as mean and standard deviation.
 
     python -m vladva_openclip.demo.ablation --seeds 0 1 2 --out ablation_out
+    python -m vladva_openclip.demo.ablation --seeds 0 1 2 --set short_captions='"detailed"' --out detailed_out
 
 writes ``ablation.json`` (every metric of every run), ``ablation.md`` (the mean ± std table beside the paper's
-numbers) and ``ablation.png`` (the plot; needs matplotlib, the ``bench`` extra).
+numbers) and ``ablation.png`` (the plot; needs matplotlib, the ``bench`` extra). Seeds can run in separate
+processes (``--seeds 1 --out part1``, ...) and be merged: ``--merge part0 part1 part2 --out ablation_out``.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .pipeline import DemoConfig, build_demo_world, eval_tasks, load_variant, preset, train_variant
+from .pipeline import DemoConfig, eval_tasks, fixed_threads, load_variant, prepare_demo_data, preset, train_variant
 from .summary import SUMMARY_COLUMNS, pick
 from .variants import VARIANTS, get_variant
 
@@ -49,13 +51,14 @@ def run_one_seed(base: DemoConfig, seed: int, variants: tuple[str, ...]) -> list
     from ..eval.api import evaluate
 
     cfg = base.with_(out=Path(base.out) / f"seed{seed}", world_seed=seed, seed=seed)
-    paths = build_demo_world(cfg)
-    tasks = eval_tasks(paths)
+    data = prepare_demo_data(cfg)
+    tasks = eval_tasks(data.paths)
     records = []
     for key in variants:
         variant = get_variant(key)
         start = time.perf_counter()
-        ckpt = train_variant(variant, paths.train_csv, cfg, Path(cfg.out) / "runs", key) if variant.trained else None
+        table = data.tables["text_pairs" if variant.text_pairs else "vladva"]
+        ckpt = train_variant(variant, table, cfg, Path(cfg.out) / "runs", key) if variant.trained else None
         train_s = time.perf_counter() - start
         model, preprocess, tokenizer = load_variant(variant, cfg, ckpt)
         results = evaluate(model, preprocess, tokenizer, tasks, device="cpu", batch_size=cfg.eval_batch_size,
@@ -142,23 +145,45 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
     base = preset(cfg.preset, out=Path(cfg.out), baseline=False, **cfg.overrides)
     start = time.perf_counter()
     records: list[dict[str, Any]] = []
-    for seed in cfg.seeds:
-        records.extend(run_one_seed(base, seed, cfg.variants))
-    stats = aggregate(records, cfg.variants)
-    out = Path(cfg.out)
-    result = {"config": {**asdict(cfg), "out": str(cfg.out), "demo_config": {
-        k: str(v) if isinstance(v, Path) else v for k, v in asdict(base).items()}, "steps": base.steps},
-        "seconds": round(time.perf_counter() - start, 1), "records": records,
-        "stats": {k: {c: list(v) for c, v in s.items()} for k, s in stats.items()}}
+    with fixed_threads(base.threads):
+        for seed in cfg.seeds:
+            records.extend(run_one_seed(base, seed, cfg.variants))
+    config = {**asdict(cfg), "out": str(cfg.out), "demo_config": base.result_settings(), "steps": base.steps}
+    return write_results(Path(cfg.out), config, records, round(time.perf_counter() - start, 1))
+
+
+def write_results(out: Path, config: dict[str, Any], records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """``ablation.json``, ``ablation.md`` and ``ablation.png`` of the records (one per seed and variant)."""
+    variants = tuple(k for k in VARIANTS if any(r["variant"] == k for r in records))
+    seeds = sorted({r["seed"] for r in records})
+    stats = aggregate(records, variants)
+    result = {"config": {**config, "seeds": seeds}, "seconds": seconds, "records": records,
+              "stats": {k: {c: list(v) for c, v in s.items()} for k, s in stats.items()}}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(result, indent=1) + "\n")
-    md = (f"{markdown_table(stats)}\n\nChange per step (ours: mean over {len(cfg.seeds)} seeds; paper: Table 4, "
+    md = (f"{markdown_table(stats)}\n\nChange per step (ours: mean over {len(seeds)} seeds; paper: Table 4, "
           f"LLaVA-1.5-7B; ✓ = same direction)\n\n{direction_table(stats)}\n")
     (out / "ablation.md").write_text(md)
     try:
-        plot(stats, out / "ablation.png", len(cfg.seeds))
+        plot(stats, out / "ablation.png", len(seeds))
     except ImportError:
         _logger.warning("matplotlib is not installed (pip install vladva_openclip[bench]); no plot written")
     return result
+
+
+def merge(parts: list[Path], out: Path) -> dict[str, Any]:
+    """One result from ablation runs of disjoint seeds with the same settings (e.g. one process per seed)."""
+    loaded = [json.loads((Path(p) / "ablation.json").read_text()) for p in parts]
+    settings = {json.dumps(r["config"]["demo_config"], sort_keys=True) for r in loaded}
+    if len(settings) != 1:
+        raise ValueError(f"the ablation runs in {[str(p) for p in parts]} used different settings; merge only runs "
+                         "that differ in their seeds")
+    records = [rec for r in loaded for rec in r["records"]]
+    seeds = [rec["seed"] for rec in records if rec["variant"] == records[0]["variant"]]
+    if len(seeds) != len(set(seeds)):
+        raise ValueError(f"seeds {sorted(seeds)} occur in more than one run")
+    config = {**loaded[0]["config"], "out": str(out), "merged_from": [str(p) for p in parts]}
+    return write_results(out, config, records, round(sum(r["seconds"] for r in loaded), 1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -169,8 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="default")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override a demo setting, e.g. --set epochs=3")
+    p.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                   help="merge the ablation.json of these runs (disjoint seeds) into --out instead of training")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.merge:
+        merge(args.merge, args.out)
+        print((Path(args.out) / "ablation.md").read_text())
+        return
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")

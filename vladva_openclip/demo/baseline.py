@@ -32,6 +32,7 @@ def write_clip_tokenizer(out_dir: str | Path) -> Path:
     Returns:
         The directory written (loadable with ``transformers.AutoTokenizer``).
     """
+    from tokenizers.pre_tokenizers import ByteLevel
     from tokenizers.processors import TemplateProcessing
     from transformers import AutoTokenizer
 
@@ -39,6 +40,9 @@ def write_clip_tokenizer(out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(str(ASSET_TOKENIZERS / "tiny-llava"))
+    # Inside the tiny LLaVA's template a caption follows "USER: ", so its first word is a space-prefixed piece
+    # ("Ġa"); a caption tokenized alone would start with the bare piece ("a") unless the space is added.
+    tok.backend_tokenizer.pre_tokenizer = ByteLevel(add_prefix_space=True)
     eos, eos_id = tok.eos_token, tok.eos_token_id
     tok.backend_tokenizer.post_processor = TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B {eos}",
                                                               special_tokens=[(eos, eos_id)])
@@ -59,7 +63,7 @@ def write_model_config(out_dir: str | Path, tokenizer_dir: str | Path) -> Path:
 @contextlib.contextmanager
 def registered_config(config_file: str | Path) -> Iterator[str]:
     """Register one model config file with open_clip for the duration of the block; yields the model name."""
-    import open_clip.factory as factory
+    from open_clip import factory
 
     config_file = Path(config_file)
     name = config_file.stem
@@ -124,6 +128,57 @@ def train_clip(table: str | Path, logs: str | Path, name: str, settings: TrainSe
     with restored_root_logging():
         return run_to_final_checkpoint(ocm.main, argv, logs, name, settings.epochs,
                                        f"open_clip_train for {model_name}")
+
+
+@contextlib.contextmanager
+def tensor_train_data(pixels: torch.Tensor, tokens: torch.Tensor, seed: int) -> Iterator[None]:
+    """open_clip_train's ``get_data`` serves ``(pixels[i], tokens[i])`` for the duration of the block.
+
+    The images are already preprocessed and the captions already tokenized (once, for the whole run), so the CLIP's
+    steps spend no time decoding images or tokenizing. Order: a seeded sampler (as open_clip_train's distributed
+    one) with every full batch per epoch.
+    """
+    import open_clip_train.main as ocm
+    from open_clip_train.data import DataInfo
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    if len(pixels) != len(tokens):
+        raise ValueError(f"{len(pixels)} images but {len(tokens)} token rows")
+
+    def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+        dataset = TensorDataset(pixels, tokens)
+        sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+        loader.num_samples, loader.num_batches = len(dataset), len(loader)
+        return {"train": DataInfo(loader, sampler)}
+
+    original = ocm.get_data
+    ocm.get_data = get_data
+    try:
+        yield
+    finally:
+        ocm.get_data = original
+
+
+def train_clip_on_tensors(images: torch.Tensor, captions: list[str], pixels: torch.Tensor | None, logs: str | Path,
+                          name: str, settings: TrainSettings, model_name: str) -> Path:
+    """:func:`train_clip` on in-memory data: uint8 ``images [N, 3, S, S]`` and their captions. ``pixels`` (the
+    images preprocessed by another model, e.g. the VladVA model's) are used when the CLIP's own deterministic
+    transform is the same one (same pixels for both trainers), else the images are preprocessed here. No
+    augmentation: like the VladVA fine-tuning, the CLIP sees each image as its val transform makes it."""
+    import open_clip
+    from PIL import Image
+
+    _, _, preprocess = open_clip.create_model_and_transforms(model_name)
+    probe = Image.fromarray(images[0].permute(1, 2, 0).numpy())
+    if pixels is None or not torch.equal(preprocess(probe), pixels[0]):
+        pixels = torch.stack([preprocess(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in images])
+    tokens = open_clip.get_tokenizer(model_name)(list(captions))
+    with tensor_train_data(pixels, tokens, settings.seed):
+        # --train-data only has to be set for open_clip_train to train; the rebound get_data serves the tensors
+        return train_clip(f"<{len(captions)} in-memory scenes>", logs, name, settings, model_name)
 
 
 def load_clip(model_name: str, checkpoint: str | Path, device: str = "cpu"):

@@ -1,16 +1,24 @@
 """The demo's stages, each on the project's real code paths.
 
-world (``vladva_openclip.synth.build_world``) -> zero-shot evaluation of the shipped captioner
-(``vladva_openclip.eval.evaluate``) -> VladVA fine-tuning (``vladva_openclip.train.main``, i.e. open_clip_train's
-loop) -> evaluation -> a CLIP trained from scratch by open_clip_train's own ``main`` on the same table with the same
-batch size and steps -> evaluation -> one summary table.
+world (``vladva_openclip.synth``: the evaluation sets on disk, the training scenes rendered once into packed tables)
+-> zero-shot evaluation of the shipped captioner (``vladva_openclip.eval.evaluate``; also its generative scoring)
+-> VladVA fine-tuning (``vladva_openclip.train.main``, i.e. open_clip_train's loop, reading the packed table) ->
+evaluation -> the E5-V-style baseline (the same trainer on caption/paraphrase pairs) -> evaluation -> a CLIP trained
+from scratch by open_clip_train's own ``main`` on the same scenes with the same batch size and steps -> evaluation ->
+one summary table.
+
+Every number of the table is a pure function of the configuration: fixed torch threads (one by default, which is
+also the fastest choice on a 2-core machine that runs anything else), seeds, data order (seeded samplers), no
+DataLoader workers. ``summary.json`` holds only such numbers; wall-clock times go to ``timings.json``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +33,8 @@ from .variants import Variant, get_variant
 _logger = logging.getLogger(__name__)
 
 MODEL_NAME = "vladva-tiny-llava"
+#: settings that do not change any number of the table (left out of summary.json)
+_NOT_RESULTS = ("out", "progress", "log_every")
 
 
 @dataclass
@@ -33,20 +43,26 @@ class DemoConfig:
 
     Attributes:
         out: output directory (world, training runs, results).
-        n_train, n_test: scenes of the training table and of the evaluation sets (world seed ``world_seed``).
-        batch_size, epochs: the training budget of BOTH trainers (steps = epochs * (n_train // batch_size)).
-        lr: peak learning rate of the VladVA fine-tuning (LoRA, soft prompts, logit_scale); clip_lr: of the
-            CLIP baseline (all its weights, from scratch). Both cosine with ``warmup`` steps.
-        pretrained: the base the fine-tuning starts from (the shipped generative captioner).
+        n_train, n_test: scenes of the training split and of the evaluation sets (world seed ``world_seed``).
+        short_captions, long_captions: the world's caption styles (:class:`~vladva_openclip.synth.WorldConfig`):
+            ``coarse`` short captions name only part of the scene, ``compact`` long captions state all of it.
+        batch_size, epochs: the training budget of EVERY trainer (steps = epochs * (n_train // batch_size)).
+        lr: peak learning rate of the VladVA and E5-V-style fine-tunings (LoRA, soft prompts, logit_scale);
+            clip_lr: of the CLIP baseline (all its weights, from scratch). All cosine with ``warmup`` steps.
+        pretrained: the base the fine-tunings start from (the shipped generative captioner).
         variant: which VladVA configuration is fine-tuned (see :mod:`.variants`).
-        baseline: also train and evaluate the CLIP baseline.
-        threads: torch CPU threads (None: torch's default).
+        baseline, e5v: also train and evaluate the CLIP baseline / the E5-V-style text-only fine-tune.
+        generative: also score the pair tasks with the captioner's and the VladVA model's own likelihood.
+        max_short_len, max_long_len: caption tokens kept (compact long captions fit 96 with their EOS).
+        threads: torch CPU threads; the numbers are identical across runs for the same count.
     """
 
     out: Path = Path("vladva_demo_out")
     n_train: int = 4096
     n_test: int = 200
     world_seed: int = 0
+    short_captions: str = "coarse"
+    long_captions: str = "compact"
     batch_size: int = 64
     epochs: int = 10
     lr: float = 2e-3
@@ -56,9 +72,12 @@ class DemoConfig:
     pretrained: str = "synth_captioner"
     variant: str = "vladva"
     baseline: bool = True
-    max_long_len: int = 128
-    eval_batch_size: int = 100
-    threads: int | None = None
+    e5v: bool = True
+    generative: bool = True
+    max_short_len: int = 32
+    max_long_len: int = 96
+    eval_batch_size: int = 200
+    threads: int | None = 1
     log_every: int = 10
     progress: bool = True
 
@@ -69,13 +88,22 @@ class DemoConfig:
     def with_(self, **changes: Any) -> DemoConfig:
         return replace(self, **changes)
 
+    def world_config(self):
+        from ..synth import WorldConfig
+
+        return WorldConfig(seed=self.world_seed, short_captions=self.short_captions,
+                           long_captions=self.long_captions)
+
+    def result_settings(self) -> dict[str, Any]:
+        """The settings the table's numbers depend on (for summary.json)."""
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_RESULTS}
+
 
 #: Named budgets (``vladva demo --preset``): overrides of DemoConfig's defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "fast": {"n_train": 2048, "epochs": 6},
-    "test": {"n_train": 128, "n_test": 24, "batch_size": 32, "epochs": 1, "warmup": 1, "max_long_len": 64,
-             "log_every": 1},
+    "fast": {"n_train": 2048, "epochs": 6, "e5v": False, "generative": False},
+    "test": {"n_train": 128, "n_test": 24, "batch_size": 32, "epochs": 1, "warmup": 1, "log_every": 1},
 }
 
 
@@ -89,15 +117,65 @@ def preset(name: str, **overrides: Any) -> DemoConfig:
     return DemoConfig(**{**PRESETS[name], **overrides})
 
 
-# ---- stages ------------------------------------------------------------------------------------------------
-def build_demo_world(cfg: DemoConfig):
-    """The training table and the evaluation sets (PNG files + tables/JSON) under ``cfg.out/world``."""
+# ---- data ----------------------------------------------------------------------------------------------------
+def build_demo_world(cfg: DemoConfig, write_train: bool = True):
+    """The world on disk under ``cfg.out/world``: the evaluation sets and (``write_train``) the training table
+    with its PNG files and the caption/paraphrase columns (what ``vladva-train`` reads as CSV)."""
     from ..synth import build_world
 
     if cfg.n_train < cfg.batch_size:
         raise ValueError(f"n_train={cfg.n_train} makes no full batch of batch_size={cfg.batch_size}")
-    return build_world(Path(cfg.out) / "world", n_train=cfg.n_train, n_test=cfg.n_test, seed=cfg.world_seed,
-                       write_wds=False, progress=cfg.progress)
+    return build_world(Path(cfg.out) / "world", n_train=cfg.n_train if write_train else 0, n_test=cfg.n_test,
+                       config=cfg.world_config(), write_wds=False, text_pairs=True, progress=cfg.progress)
+
+
+@dataclass
+class DemoData:
+    """The evaluation sets on disk and the training split in memory, packed once for the trainers.
+
+    Attributes:
+        paths: the evaluation sets (:func:`build_demo_world` without the training table).
+        images: uint8 ``[N, 3, S, S]`` training scenes; shorts: their short captions (what the CLIP trains on).
+        tables: ``{"vladva": packed table of (short, long), "text_pairs": of (caption, paraphrase)}``.
+        pixels, texts: the VladVA table's preprocessed images ``[N, 3, S, S]`` and packed ids ``[N, 2, L]``.
+    """
+
+    paths: Any
+    images: torch.Tensor
+    shorts: list[str]
+    tables: dict[str, Path]
+    pixels: torch.Tensor
+    texts: torch.Tensor
+
+
+def prepare_demo_data(cfg: DemoConfig) -> DemoData:
+    """Render the training split once and pack it for the trainers (see :mod:`vladva_openclip.train.packed`)."""
+    import open_clip
+
+    from .. import install
+    from ..synth import World
+    from ..train._common import CaptionPacker
+    from ..train.packed import PackedTableDataset, write_packed_table
+    from .pretrain_captioner import render_split
+
+    paths = build_demo_world(cfg, write_train=False)
+    world = World(cfg.world_config())
+    images, shorts, longs = render_split(world, "train", cfg.n_train, progress=cfg.progress)
+    pairs = [world.text_pair("train", i) for i in range(cfg.n_train)]
+    install()
+    _, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
+    tok = open_clip.get_tokenizer(MODEL_NAME)
+    data_dir = Path(cfg.out) / "data"
+    tables = {
+        "vladva": write_packed_table(data_dir / "train.safetensors", images, shorts, longs,
+                                     CaptionPacker(tok, cfg.max_short_len, cfg.max_long_len), preprocess=preprocess),
+        "text_pairs": write_packed_table(data_dir / "train_text_pairs.safetensors", images, *zip(*pairs),
+                                         CaptionPacker(tok, cfg.max_short_len, cfg.max_long_len, pair_text=True),
+                                         preprocess=preprocess),
+    }
+    packed = PackedTableDataset(tables["vladva"], preprocess, CaptionPacker(tok, cfg.max_short_len, cfg.max_long_len))
+    return DemoData(paths=paths, images=images, shorts=shorts, tables=tables, pixels=packed.pixels,
+                    texts=packed.texts)
 
 
 def eval_tasks(paths) -> list[dict[str, Any]]:
@@ -111,17 +189,26 @@ def eval_tasks(paths) -> list[dict[str, Any]]:
     ]
 
 
-def train_variant(variant: Variant, train_csv: Path, cfg: DemoConfig, logs: Path, name: str) -> Path:
-    """Fine-tune ``variant`` from ``cfg.pretrained`` with ``vladva-train`` (open_clip_train's loop); returns the
-    final checkpoint (trainable tensors only)."""
+def generative_tasks(paths) -> list[dict[str, Any]]:
+    """The pair tasks generative scoring applies to (every one but retrieval)."""
+    return [t for t in eval_tasks(paths) if t["task"] != "retrieval"]
+
+
+# ---- training and loading ----------------------------------------------------------------------------------
+def train_variant(variant: Variant, train_data: str | Path, cfg: DemoConfig, logs: Path, name: str) -> Path:
+    """Fine-tune ``variant`` from ``cfg.pretrained`` with ``vladva-train`` (open_clip_train's loop) on
+    ``train_data`` (a packed ``.safetensors`` table, or the world's CSV/TSV table); returns the final checkpoint
+    (trainable tensors only)."""
+    from ..synth.build import PAIR_COLUMNS
     from ..train.main import main as train_main
 
+    short_key, long_key = PAIR_COLUMNS if variant.text_pairs else ("short_caption", "long_caption")
     argv = [
-        "--model", MODEL_NAME, "--pretrained", cfg.pretrained, "--dataset-type", "csv",
-        "--train-data", str(train_csv), "--csv-img-key", "filepath", "--csv-caption-key", "short_caption",
-        "--long-caption-key", "long_caption", "--csv-separator", "\t",
-        "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs), "--lr", str(cfg.lr),
-        "--warmup", str(cfg.warmup), "--workers", "0", "--precision", "fp32", "--max-long-len", str(cfg.max_long_len),
+        "--model", MODEL_NAME, "--pretrained", cfg.pretrained, "--train-data", str(train_data),
+        "--csv-img-key", "filepath", "--csv-caption-key", short_key, "--long-caption-key", long_key,
+        "--csv-separator", "\t", "--batch-size", str(cfg.batch_size), "--epochs", str(cfg.epochs),
+        "--lr", str(cfg.lr), "--warmup", str(cfg.warmup), "--workers", "0", "--precision", "fp32",
+        "--max-short-len", str(cfg.max_short_len), "--max-long-len", str(cfg.max_long_len),
         "--logs", str(logs), "--name", name, "--report-to", "", "--seed", str(cfg.seed),
         "--log-every-n-steps", str(cfg.log_every), "--save-frequency", str(cfg.epochs),
         *variant.train_flags(), *(["--progress"] if cfg.progress else []),
@@ -146,19 +233,12 @@ def load_variant(variant: Variant, cfg: DemoConfig, checkpoint: Path | None = No
 
 
 @torch.no_grad()
-def training_loss(model, preprocess, tokenizer, train_csv: Path, cfg: DemoConfig, n: int = 64) -> dict[str, float]:
-    """VladVA's two training losses (contrastive at the model's temperature, AR) on the first ``n`` training rows,
-    in eval mode: a fixed yardstick for before/after fine-tuning."""
-    import pandas as pd
-    from PIL import Image
-
+def training_loss(model, data: DemoData, n: int = 64) -> dict[str, float]:
+    """VladVA's two training losses (contrastive at the model's temperature, AR) on the first ``n`` training samples
+    exactly as the trainer sees them, in eval mode: a fixed yardstick for before/after fine-tuning."""
     from ..loss import VladVALoss
 
-    df = pd.read_csv(train_csv, sep="\t", dtype=str, keep_default_na=False).head(n)
-    images = torch.stack([preprocess(Image.open(Path(train_csv).parent / p).convert("RGB")) for p in df.filepath])
-    short = tokenizer(list(df.short_caption), context_length=cfg.max_long_len)
-    long = tokenizer.long_captions(list(df.long_caption), context_length=cfg.max_long_len)
-    out = model(image=images, text=torch.stack([short, long], dim=1))
+    out = model(image=data.pixels[:n], text=data.texts[:n])
     losses = VladVALoss(ar_weight=1.0)(**out, output_dict=True)
     return {k: round(float(v), 4) for k, v in losses.items()}
 
@@ -190,65 +270,100 @@ class _Stages:
         return result
 
 
+@contextlib.contextmanager
+def fixed_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set for the block (None: leave it), then restored."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(cfg: DemoConfig, announce: Callable[[str], None] | None = None) -> DemoResult:
-    """Run every stage; writes ``summary.md``/``summary.json`` (the table) and ``results.md``/``results.json``
-    (every metric) under ``cfg.out``."""
+    """Run every stage; writes ``summary.md``/``summary.json`` (the table), ``results.md``/``results.json`` (every
+    metric) and ``timings.json`` (wall-clock per stage) under ``cfg.out``."""
+    with fixed_threads(cfg.threads):
+        torch.manual_seed(cfg.seed)  # nothing should draw from the global generator; if anything does, it is seeded
+        return _run_demo(cfg, announce or _logger.info)
+
+
+def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
     from ..eval.api import evaluate
     from ..eval.report import Report
 
-    announce = announce or _logger.info
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "runs"
     variant = get_variant(cfg.variant)
-    zero_shot = get_variant("zero-shot")
-    stages = _Stages(7 if cfg.baseline else 5, announce)
+    zero_shot, e5v = get_variant("zero-shot"), get_variant("e5v")
+    stages = _Stages(5 + 2 * cfg.e5v + 2 * cfg.baseline, announce)
     start = time.perf_counter()
-    report = Report(meta={"demo_config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-                          "steps": cfg.steps})
+    report = Report(meta={"demo_config": cfg.result_settings(), "steps": cfg.steps})
     table = SummaryTable(n_test=cfg.n_test)
     losses: dict[str, dict[str, float]] = {}
 
-    paths = stages.run("world", f"synthetic world: {cfg.n_train} training scenes, {cfg.n_test} test scenes",
-                       lambda: build_demo_world(cfg))
-    tasks = eval_tasks(paths)
+    data = stages.run("world", f"synthetic world ({cfg.short_captions} short captions, {cfg.long_captions} long "
+                               f"ones): {cfg.n_train} training scenes, {cfg.n_test} test scenes",
+                      lambda: prepare_demo_data(cfg))
+    tasks = eval_tasks(data.paths)
 
-    def evaluate_into(label: str, model, preprocess, tokenizer, **extra) -> None:
-        results = evaluate(model, preprocess, tokenizer, tasks, device="cpu", batch_size=cfg.eval_batch_size,
-                           progress=cfg.progress)
+    def evaluate_into(label: str, model, preprocess, tokenizer, scoring: str = "embedding", **extra) -> None:
+        results = evaluate(model, preprocess, tokenizer, tasks if scoring == "embedding" else
+                           generative_tasks(data.paths), device="cpu", batch_size=cfg.eval_batch_size,
+                           progress=cfg.progress, scoring=scoring)
+        if scoring == "generative":
+            label = f"{label}, generative scoring"
         for r in results.values():
             report.add(label, r)
         table.add(label, results, **extra)
 
     def zero_shot_stage() -> None:
         model, preprocess, tokenizer = load_variant(zero_shot, cfg)
-        losses["before"] = training_loss(model, preprocess, tokenizer, paths.train_csv, cfg)
+        losses["before"] = training_loss(model, data)
         evaluate_into(f"tiny LLaVA captioner, {zero_shot.label}", model, preprocess, tokenizer, steps=0)
+        if cfg.generative:
+            from .pretrain_captioner import build_captioner
 
-    stages.run("zero_shot_eval", "zero-shot: the generative captioner as an embedding model (handcrafted prompts)",
-               zero_shot_stage)
+            # The captioner scores captions after the instruction it was trained to answer.
+            captioner, _, preprocess = build_captioner(cfg.pretrained)
+            evaluate_into("tiny LLaVA captioner", captioner.eval(), preprocess, captioner.tokenizer,
+                          scoring="generative", steps=0)
+
+    stages.run("zero_shot_eval", "zero-shot: the generative captioner as an embedding model (handcrafted prompts)"
+               + (" and as a generative scorer" if cfg.generative else ""), zero_shot_stage)
     ckpt = stages.run("vladva_train", f"VladVA fine-tuning, {variant.label}: {cfg.steps} steps x {cfg.batch_size}",
-                      lambda: train_variant(variant, paths.train_csv, cfg, logs, f"vladva-{cfg.variant}"))
+                      lambda: train_variant(variant, data.tables["vladva"], cfg, logs, f"vladva-{cfg.variant}"))
 
     def vladva_eval_stage() -> None:
         model, preprocess, tokenizer = load_variant(variant, cfg, ckpt)
-        losses["after"] = training_loss(model, preprocess, tokenizer, paths.train_csv, cfg)
-        evaluate_into(f"VladVA {variant.label}", model, preprocess, tokenizer, steps=cfg.steps)
+        losses["after"] = training_loss(model, data)
+        label = f"VladVA {variant.label}"
+        evaluate_into(label, model, preprocess, tokenizer, steps=cfg.steps)
+        if cfg.generative:
+            evaluate_into(label, model, preprocess, tokenizer, scoring="generative", steps=cfg.steps)
 
     stages.run("vladva_eval", "evaluation of the fine-tuned model", vladva_eval_stage)
+
+    if cfg.e5v:
+        e5v_ckpt = stages.run(
+            "e5v_train", f"{e5v.label}: {cfg.steps} steps x {cfg.batch_size}",
+            lambda: train_variant(e5v, data.tables["text_pairs"], cfg, logs, "e5v"))
+        stages.run("e5v_eval", "evaluation of the E5-V-style model",
+                   lambda: evaluate_into(e5v.label, *load_variant(e5v, cfg, e5v_ckpt), steps=cfg.steps))
 
     if cfg.baseline:
         tok_dir = baseline.write_clip_tokenizer(out / "baseline" / "tokenizer")
         config_file = baseline.write_model_config(out / "baseline", tok_dir)
-        table_abs = baseline.absolute_table(paths.train_csv, out / "baseline" / "train_abs.tsv")
         settings = baseline.TrainSettings(batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.clip_lr,
                                           warmup=cfg.warmup, seed=cfg.seed, log_every=cfg.log_every)
         with baseline.registered_config(config_file) as clip_name:
             clip_ckpt = stages.run(
                 "clip_train", f"CLIP baseline from scratch (open_clip_train): {cfg.steps} steps x {cfg.batch_size}",
-                lambda: baseline.train_clip(table_abs, logs, "clip-baseline", settings, clip_name))
+                lambda: baseline.train_clip_on_tensors(data.images, data.shorts, data.pixels, logs,
+                                                       "clip-baseline", settings, clip_name))
 
             def clip_eval_stage() -> None:
                 model, preprocess, tokenizer = baseline.load_clip(clip_name, clip_ckpt)
@@ -261,13 +376,24 @@ def run_demo(cfg: DemoConfig, announce: Callable[[str], None] | None = None) -> 
         seconds = {**stages.seconds, "total": round(time.perf_counter() - start, 1)}
         report.meta.update(seconds=seconds, losses=losses)
         json_path, md_path = report.save(out, stem="results")
-        summary = {"config": report.meta["demo_config"], "steps": cfg.steps, "seconds": seconds, "losses": losses,
-                   "rows": table.rows, "columns": [c.header for c in table.columns]}
+        summary = {"config": cfg.result_settings(), "steps": cfg.steps, "losses": losses, "rows": table.rows,
+                   "columns": [c.header for c in table.columns]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "summary.md").write_text(table.to_markdown() + "\n")
+        (out / "timings.json").write_text(json.dumps({"seconds": seconds, "machine": machine()}, indent=2) + "\n")
         return {"summary_md": str(out / "summary.md"), "summary_json": str(out / "summary.json"),
-                "results_md": str(md_path), "results_json": str(json_path)}
+                "results_md": str(md_path), "results_json": str(json_path), "timings": str(out / "timings.json")}
 
     files = stages.run("write", "writing the tables", write)
     seconds = {**stages.seconds, "total": round(time.perf_counter() - start, 1)}
     return DemoResult(table=table, report=report, seconds=seconds, losses=losses, files=files)
+
+
+def machine() -> dict[str, Any]:
+    """What the timings were measured on."""
+    import os
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_1_5_15": None if load is None else [round(x, 2) for x in load]}

@@ -109,10 +109,11 @@ class CaptionPacker:
     """``(short, long) -> LongTensor [2, max_long_len]`` with the tokenizer protocol
     ``tokenizer(texts, context_length=n) -> LongTensor [B, n]`` (right-padded with ``tokenizer.pad_token_id``).
 
-    Picklable whenever the tokenizer is, so DataLoader workers can use it.
+    Picklable whenever the tokenizer is, so DataLoader workers can use it. ``pair_text``: row 1 is a second text
+    for the text tower (E5-V-style text pairs, ``--text-pairs``), tokenized as the short caption is.
     """
 
-    def __init__(self, tokenizer, max_short_len: int, max_long_len: int):
+    def __init__(self, tokenizer, max_short_len: int, max_long_len: int, pair_text: bool = False):
         if tokenizer is None:
             raise ValueError("the training data needs the model's tokenizer (got None)")
         if max_short_len > max_long_len:
@@ -123,6 +124,7 @@ class CaptionPacker:
         self.tokenizer = tokenizer
         self.max_short_len = max_short_len
         self.max_long_len = max_long_len
+        self.pair_text = pair_text
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = 0 if pad is None else int(pad)  # open_clip's own tokenizers pad with 0 and have no attribute
         # samples with an empty short caption, shared with DataLoader workers (as SkipCounter's count)
@@ -135,7 +137,11 @@ class CaptionPacker:
         # Long captions are the assistant's answer after the image prompt; VladVA's tokenizer knows that context
         # (other tokenizers, e.g. open_clip's own for a CLIP baseline, tokenize the caption alone).
         encode_long = getattr(self.tokenizer, "long_captions", self.tokenizer)
-        long_ids = encode_long([long], context_length=self.max_long_len)[0] if long else None
+        if self.pair_text:
+            encode_long, length = self.tokenizer, self.max_short_len
+        else:
+            length = self.max_long_len
+        long_ids = encode_long([long], context_length=length)[0] if long else None
         return pack_captions(short_ids, long_ids, self.max_long_len, self.pad_id)
 
     def __getstate__(self) -> dict:

@@ -19,6 +19,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("--ar-weight", dict(type=float, default=1.0, help="weight of the next-token loss on long captions "
                                                            "(paper: 1.0, the losses are summed); 0 disables it")),
     Flag("--contrastive-weight", dict(type=float, default=1.0, help="weight of the contrastive loss")),
+    Flag("--text-pairs", dict(action="store_true", help="E5-V-style text-only training: the contrastive loss pairs "
+                                                        "the short caption with the second caption column (e.g. a "
+                                                        "paraphrase), both through the text tower; images unused")),
     Flag("--lora-r", dict(type=int, default=None, help="LoRA rank (default: the model config's, 16 for real models)"),
          "lora_r"),
     Flag("--lora-alpha", dict(type=int, default=None, help="LoRA alpha (default: the model config's)"), "lora_alpha"),

@@ -7,7 +7,8 @@ is the short caption (contrastive), ``texts[:, 1]`` the long caption (next-token
 ``tokenizer.pad_token_id`` to ``L = args.max_long_len``; a sample without a long caption has an all-pad row 1.
 
 Dataset types (``--dataset-type``): ``csv`` (CSV/TSV table), ``webdataset`` (tar shards), ``synthetic`` (scenes of
-:mod:`vladva_openclip.synth` generated on the fly), ``auto`` (by the file extension: csv/tsv or tar).
+:mod:`vladva_openclip.synth` generated on the fly), ``auto`` (by the file extension: csv/tsv, tar, or safetensors
+for a packed table of :mod:`.packed`, images and caption ids made once).
 
 Faults: a missing or corrupt image is skipped, logged with its path and counted in ``DataInfo.skips`` (a
 :class:`SkipCounter` shared with the DataLoader workers); the NEXT good sample takes its place (table datasets read
@@ -104,7 +105,8 @@ class VladVADataInfo(DataInfo):
 
 
 def make_packer(args, tokenizer) -> CaptionPacker:
-    return CaptionPacker(tokenizer, int(_arg(args, "max_short_len")), int(_arg(args, "max_long_len")))
+    return CaptionPacker(tokenizer, int(_arg(args, "max_short_len")), int(_arg(args, "max_long_len")),
+                         pair_text=bool(getattr(args, "text_pairs", False)))
 
 
 # ------------------------------------------------------------------------------------------------ table (CSV/TSV)
@@ -278,8 +280,15 @@ DATASET_BUILDERS: dict[str, Callable[..., VladVADataInfo]] = {
     "csv": get_csv_dataset,
     "webdataset": get_wds_dataset,
     "synthetic": get_synthetic_dataset,
+    "packed": lambda *a, **kw: _packed_builder()(*a, **kw),
 }
-_EXTENSION_TYPES = {"csv": "csv", "tsv": "csv", "tar": "webdataset"}
+_EXTENSION_TYPES = {"csv": "csv", "tsv": "csv", "tar": "webdataset", "safetensors": "packed"}
+
+
+def _packed_builder() -> Callable[..., VladVADataInfo]:
+    from .packed import get_packed_dataset  # (packed builds on this module)
+
+    return get_packed_dataset
 
 
 def resolve_dataset_type(data_path: str | None, dataset_type: str) -> str:

@@ -259,7 +259,8 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         if is_vladva_name(model_name):
             state.model.trainable_state_only = True  # checkpoints hold only what trains
             # --ar-weight 0: the long-caption pass would cost a forward over every long caption for nothing
-            state.model.compute_ar = bool(vargs.ar_weight)
+            state.model.compute_ar = bool(vargs.ar_weight) and not vargs.text_pairs
+            state.model.text_pairs = bool(vargs.text_pairs)
             for flag in ("max_short_len", "max_long_len"):  # the model's own defaults (real models: the paper's)
                 if getattr(state.args, flag, None) is None:
                     setattr(state.args, flag, getattr(state.model.cfg, flag))
