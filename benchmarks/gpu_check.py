@@ -603,7 +603,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     kern = (stages.get("kernels") or {}).get("result") or {}
     out += ["", "#### Contrastive loss, forward + backward (fused Triton vs open_clip ClipLoss, same process)", "",
             ("| N | D | dtype | fused ms | ClipLoss ms | fused / ClipLoss time | fused peak MiB | ClipLoss peak MiB | "
-             "fused / ClipLoss memory | fused impl |"), "|---|---|---|---|---|---|---|---|---|---|"]
+             "fused / ClipLoss memory | fused impl | fused check |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     loss = kern.get("loss") or []
     for n, d, dtype in sorted({(r["n"], r["d"], r["dtype"]) for r in loss if "n" in r},
                               key=lambda k: (k[2], k[0], k[1])):
@@ -617,7 +617,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         out.append(f"| {n} | {d} | {dtype} | {f.get('ms') if f.get('status') == 'ok' else f.get('status', '-')} | "
                    f"{c.get('ms') if c.get('status') == 'ok' else c.get('status', '-')} | {t_ratio} | "
                    f"{_fmt(f.get('peak_mib'), 1)} | {_fmt(c.get('peak_mib'), 1)} | {m_ratio} | "
-                   f"{f.get('impl', '-')} |")
+                   f"{f.get('impl', '-')} | {f.get('check', '-')} |")
     out += ["", "#### Last-token pooling, forward bandwidth", "",
             "| impl | B | T | D | dtype | ms | GB/s | % HBM peak | % measured copy |",
             "|---|---|---|---|---|---|---|---|---|"]

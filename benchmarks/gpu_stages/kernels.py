@@ -23,7 +23,8 @@ GPU_DS = (1024, 4096)
 # measured matrix rate each is assumed to reach when estimating whether a case fits (pessimistic)
 PRODUCTS = {"fused": 5, "clip_loss": 6}
 ASSUMED_EFFICIENCY = 0.25
-DO_BENCH_CALLS = 10  # do_bench: 1 + 5 estimate + warm-up + >= 1 timed calls, plus the peak-memory call
+DO_BENCH_CALLS = 12  # warm-up, peak-memory call, do_bench (1 + 5 estimate + warm-up + >= 1 timed), check
+CHECK_MAX_N = 32768  # the reference check (an fp32 rerun) above this N costs more than it tells
 
 
 def loss_cases(dry_run: bool) -> list[tuple[int, int, str]]:
@@ -65,7 +66,8 @@ def measure_loss_case(provider: str, n: int, d: int, dtype: str, device: str) ->
     from benchmarks import bench_contrastive as BC
 
     if device == "cuda":
-        return BC.measure_cuda(provider, n, d, dtype)
+        # also checks the gradients against the fp32 reference (bench_contrastive.check) up to CHECK_MAX_N
+        return BC.measure_cuda(provider, n, d, dtype, run_check=n <= CHECK_MAX_N)
     # Dry run: the same step on CPU (the fused provider takes the reference path there), tensor-level peak.
     step = BC.make_step(provider, n, d, BC.DTYPES[dtype], "cpu")
     ms = H.time_ms(step, "cpu", repeats=1)
@@ -126,6 +128,9 @@ def run_loss(res: C.StageResult, device: str, cases: list[tuple[int, int, str]],
                 row["status"] = out["error"]
             else:
                 row.update(status="ok", ms=C.sig(out["ms"]), peak_mib=C.sig(out["peak_tensor"] / 2 ** 20))
+                # what ran and how it compares with the reference, where the benchmark reports it
+                row.update({k: out[k] for k in ("impl", "check", "grad_max_rel", "grad_rms_rel", "loss_rel")
+                            if k in out})
             _logger.info("loss %s", row)
             res.append("loss", row)
 
