@@ -21,6 +21,7 @@ def test_miniature_runs_every_analysis_and_reuses_its_fine_tunes(tmp_path, monke
     assert head["prompts"]["applied_adapter_loads_with_the_pair"] is True
     assert (out / "prompts_vladva" / "prompts.csv").is_file() and "mean_R@1" in head["prompts_vladva"]
     assert set(head["own_prompt_retrieval"]) == {"base", "vladva", "contrastive"}
+    assert summary["fine_tunes"]["vladva"]["reused"] is False and summary["fine_tunes"]["vladva"]["train_seconds"] > 0
     assert len(json.loads((out / "prompts" / "prompts.json").read_text())["candidates"]) == PRESETS["test"]["n_prompts"]
     # the fine-tunes differ from the captioner (their own soft prompts and LoRA)
     assert head["next_token"]["vladva"]["image"]["mean_entropy"] != head["next_token"]["base"]["image"]["mean_entropy"]
@@ -35,3 +36,4 @@ def test_miniature_runs_every_analysis_and_reuses_its_fine_tunes(tmp_path, monke
     again = run_miniature(preset("test", out=tmp_path / "out2", work=tmp_path / "work", progress=False,
                                  retention_scenes=1))
     assert again["headline"]["attention"] == summary["headline"]["attention"]
+    assert again["fine_tunes"]["contrastive"]["reused"] is True

@@ -103,25 +103,32 @@ def _demo_config(cfg: MiniatureConfig):
                       max_long_len=128 if cfg.n_train >= 1024 else 64)
 
 
-def _fine_tuned_adapter(key: str, variant_key: str, cfg: MiniatureConfig, demo_cfg, train_csv: Path) -> Path:
-    """The fine-tune as an adapter directory with the captioner's base inside (``pretrained=`` loads it whole);
-    trained with ``vladva-train`` unless an adapter with the same training settings is already there."""
+def _fine_tuned_adapter(key: str, variant_key: str, cfg: MiniatureConfig, demo_cfg,
+                        train_csv: Path) -> tuple[Path, dict[str, Any]]:
+    """The fine-tune as an adapter directory with the captioner's base inside (``pretrained=`` loads it whole),
+    and its training record; trained with ``vladva-train`` unless an adapter with the same training settings is
+    already there."""
     from .. import save_adapter
     from ..demo.pipeline import load_variant, train_variant
     from ..demo.variants import get_variant
 
     out = cfg.work / "adapters" / key
     stamp = out / "miniature_training.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("training_key") == cfg.training_key():
-        _logger.info("reusing the %s fine-tune in %s", key, out)
-        return out
+    if stamp.is_file():
+        record = json.loads(stamp.read_text())
+        if record.get("training_key") == cfg.training_key():
+            _logger.info("reusing the %s fine-tune in %s", key, out)
+            return out, {**record, "reused": True}
     variant = get_variant(variant_key)
+    start = time.perf_counter()
     ckpt = train_variant(variant, train_csv, demo_cfg, cfg.work / "runs", f"analysis-{key}")
+    seconds = round(time.perf_counter() - start, 1)
     model, _, _ = load_variant(variant, demo_cfg, ckpt)
     save_adapter(model, out, include_base=True)
-    stamp.write_text(json.dumps({"training_key": cfg.training_key(), "variant": variant_key,
-                                 "label": variant.label, "checkpoint": str(ckpt)}, indent=1) + "\n")
-    return out
+    record = {"training_key": cfg.training_key(), "variant": variant_key, "label": variant.label,
+              "train_seconds": seconds, "threads": torch.get_num_threads()}
+    stamp.write_text(json.dumps(record, indent=1) + "\n")
+    return out, {**record, "reused": False}
 
 
 def model_refs(adapters: dict[str, Path]) -> list[ModelRef]:
@@ -184,9 +191,8 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
 
     demo_cfg = _demo_config(cfg)
     paths = timed("world", lambda: build_demo_world(demo_cfg))
-    adapters = {k: timed(f"fine_tune_{k}", lambda k=k, v=v: _fine_tuned_adapter(k, v, cfg, demo_cfg,
-                                                                                   paths.train_csv))
-                for k, v in FINETUNES.items()}
+    trained = {k: _fine_tuned_adapter(k, v, cfg, demo_cfg, paths.train_csv) for k, v in FINETUNES.items()}
+    adapters = {k: path for k, (path, _) in trained.items()}
     models = load_models(model_refs(adapters))
     data = load_analysis_data(paths.retrieval_json, paths.retrieval_json.parent)
     out = Path(cfg.out)
@@ -233,7 +239,9 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
                           if k not in ("out", "work", "progress")},
                "models": {r.label: {"name": r.name, "pretrained": Path(r.pretrained).name if r.pretrained else None,
                                     "kwargs": r.kwargs} for r in model_refs(adapters)},
-               "fine_tunes": {k: v for k, v in FINETUNES.items()},
+               "fine_tunes": {k: {"variant": v, **{f: trained[k][1].get(f) for f in
+                                                   ("label", "train_seconds", "threads", "reused")}}
+                              for k, v in FINETUNES.items()},
                "headline": headline, "seconds": seconds,
                "environment": {"torch": torch.__version__, "python": platform.python_version(),
                                "threads": torch.get_num_threads(), "machine": platform.machine()},
