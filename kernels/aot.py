@@ -44,9 +44,9 @@ from .precision import MODE_DTYPES, fp32_matmul
 
 #: what the benchmark (benchmarks/bench_kernels.py) and training (bf16 autocast or bf16 features, TF32 on) run
 DEFAULT_MODES = ("bf16", "amp_bf16", "fp32", "tf32")
-#: recorded problem sizes: N = 1024 gives an odd number of forward column splits on 132 SMs, N >= 2048 gives 16; the
-#: benchmark's larger N and D (divisible by 16, BLOCK_K = 64) bind to the same specialisations
-DEFAULT_NS = (1024, 4096)
+#: recorded problem sizes: every N and D divisible by 16 binds to the same specialisations (BLOCK_K is 64, or 32 for
+#: IEEE fp32, whenever D >= 64; per-launch offsets and split counts are not specialised on), so two small N suffice
+DEFAULT_NS = (1024, 2048)
 DEFAULT_DIMS = (1024, 1536, 4096)
 POOL_SHAPES = ((4, 8, 4096), (4, 700, 4096), (4, 700, 1536))  # benchmarks/bench_pooling.py's (T, D), small B
 
@@ -62,7 +62,7 @@ class Scenario:
 
 @dataclass(frozen=True)
 class CompileJob:
-    """One kernel specialisation and configuration to compile."""
+    """One kernel specialisation and configuration to compile; ``mode``: the modes that launch it, joined by "+"."""
 
     kernel: str
     mode: str
@@ -229,6 +229,8 @@ def record_jobs(scenario_list: Sequence[Scenario], arch: int = 90) -> list[Compi
                 if key not in jobs:
                     jobs[key] = CompileJob(fn.__name__, sc.mode, _config_name(cfg), sc.name, fn, launch.args,
                                            kwargs, key)
+                elif sc.mode not in jobs[key].mode.split("+"):  # the same binary serves several modes
+                    jobs[key] = dataclasses.replace(jobs[key], mode=f"{jobs[key].mode}+{sc.mode}")
     return list(jobs.values())
 
 
@@ -356,7 +358,7 @@ def problems(results: Sequence[CompiledKernel]) -> list[str]:
             out.append(f"{tag}: {r.shared_bytes} B shared memory > {SM90_SHARED_LIMIT}")
         if r.spills:
             out.append(f"{tag}: spills {r.spill_bytes} B ({r.registers} registers, stack {r.stack_bytes} B)")
-        if r.uses_dot and r.dtype in ("bf16", "fp16", "amp_bf16", "tf32") and not r.tensor_cores:
+        if r.uses_dot and set(r.dtype.split("+")) & {"bf16", "fp16", "amp_bf16", "tf32"} and not r.tensor_cores:
             out.append(f"{tag}: 16-bit or TF32 tl.dot without tensor-core instructions")
     return out
 

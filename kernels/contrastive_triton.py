@@ -54,11 +54,12 @@ DS_UNIT = 32 if INTERPRET else 64  # column unit of the dscale partials; every B
 _LOGIT_TC = [config(w, s, BLOCK_N=64) for w in (4, 8) for s in (3, 4)] + [config(8, s, BLOCK_N=128) for s in (3, 4)]
 _LOGIT_TF32 = [c for c in _LOGIT_TC if c.num_warps == 8 and c.kwargs["BLOCK_N"] == 64]
 _LOGIT_FMA = [config(4, s, BLOCK_N=64) for s in (3, 4)] + [config(8, s, BLOCK_N=128) for s in (3, 4)]
+_LOGIT_FMA_FWD = _LOGIT_FMA[:2]  # the forward's online statistics add registers: 128-wide spills with triton 3.6
 
 FWD_TILES = TileConfigs(
     gpu=_LOGIT_TC,
     tf32=_LOGIT_TF32,
-    fma=_LOGIT_FMA,
+    fma=_LOGIT_FMA_FWD,
     interpret=config(4, 1, BLOCK_N=64),  # 64x64: the fastest tile under the numpy interpreter (measured)
     smem_operands=lambda m: [(m["BLOCK_M"], m["BLOCK_K"]), (m["BLOCK_N"], m["BLOCK_K"])],
     key=["K", "COL_STATS", "PRECISION"],
@@ -105,8 +106,12 @@ def _logit_tile(A, B, offs_m, offs_n, mask_m, mask_n, K, stride_am, stride_bn,
     return x
 
 
+# Per-launch offsets and counts are not specialised on (divisibility by 16, == 1): they change from launch to launch
+# and chunk to chunk, and would otherwise multiply the compiled variants (and the AOT check) for no faster code.
+
+
 @autotune(FWD_TILES)
-@triton.jit
+@triton.jit(do_not_specialize=["row_start", "label_offset", "splits"])
 def contrastive_fwd_kernel(
     A, B, SCALE, ROW_MAX, ROW_LOGSUM, ROW_POS, COL_MAX, COL_LOGSUM, M, N, K, row_start, label_offset, splits,
     stride_am, stride_bn,
@@ -148,7 +153,7 @@ def contrastive_fwd_kernel(
 
 
 @autotune(GRAD_TILES)
-@triton.jit
+@triton.jit(do_not_specialize=["row_start", "diag_offset", "ds_cols"])
 def contrastive_grad_kernel(
     A, B, SCALE, ROW_STATS, COL_STATS, G, DSCALE, coef, diag_coef, g_scale, M, N, K, row_start, diag_offset,
     ds_cols, stride_am, stride_bn, stride_gm, stride_row_stats, stride_col_stats,

@@ -17,12 +17,13 @@ from .pooling import _last_index as _last_index_torch
 
 @triton.jit
 def _mask_last_index(MASK, row, T, stride_mb, stride_mt, BLOCK_T: tl.constexpr):
-    best = tl.full([BLOCK_T], -1, dtype=tl.int64)
+    """Highest t with MASK[row, t] != 0, or -1 (int64). Positions are int32 (T < 2^31), the row offset int64."""
+    best = tl.full([BLOCK_T], -1, dtype=tl.int32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)  # [BT]
-        m = tl.load(MASK + row * stride_mb + offs_t * stride_mt, mask=offs_t < T, other=0)
+        offs_t = t0 + tl.arange(0, BLOCK_T)  # [BT]
+        m = tl.load(MASK + row * stride_mb + offs_t.to(tl.int64) * stride_mt, mask=offs_t < T, other=0)
         best = tl.maximum(best, tl.where(m != 0, offs_t, -1))
-    return tl.max(best, axis=0)
+    return tl.max(best, axis=0).to(tl.int64)
 
 
 @triton.jit

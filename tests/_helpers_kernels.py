@@ -73,9 +73,27 @@ def clip_grads_fp64(img: torch.Tensor, txt: torch.Tensor, scale: float, chunk: i
     return loss, da, db, d_scale
 
 
+def _interpreter_broken() -> str | None:
+    """Why this triton's interpreter cannot run our kernels here, or None. triton < 3.8 turns a loop bound into an
+    int with ``int(array_of_shape_1)``, which numpy >= 2.4 refuses (fixed upstream in 3.8 with ``squeeze()``)."""
+    import numpy
+    import triton
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in text.split("+")[0].split(".")[:2] if p.isdigit())
+
+    if version(triton.__version__) < (3, 8) and version(numpy.__version__) >= (2, 4):
+        return (f"triton {triton.__version__}'s interpreter cannot run loops over runtime bounds with numpy "
+                f"{numpy.__version__} (fixed in triton 3.8); native GPU runs are unaffected")
+    return None
+
+
 def _interpret_device() -> str:
     if not triton_interpret():
         pytest.skip("TRITON_INTERPRET=1 was not set before triton was imported (tests/conftest.py sets it)")
+    broken = _interpreter_broken()
+    if broken:
+        pytest.skip(broken)
     return "cpu"
 
 

@@ -124,6 +124,7 @@ def _far_rows(sparse, rows: torch.Tensor, row_stride: int) -> torch.Tensor:
 
 def test_contrastive_with_row_offsets_beyond_int32(sparse):
     """Row i of the features sits i * 2^30 elements from the first: rows 2 and 3 are past 2^31 elements."""
+    _triton()
     from vladva_openclip.kernels import contrastive_loss
 
     gen = torch.Generator().manual_seed(0)
@@ -147,6 +148,7 @@ def test_contrastive_with_row_offsets_beyond_int32(sparse):
 def test_scaled_matmul_writes_past_int32_offsets(sparse):
     """The backward's matmul writes d features rows whose flat offsets pass 2^31 (N * D > 2^31 at the largest
     shapes): an output view with 2^30-element row stride stands in for such a tensor."""
+    _triton()
     from vladva_openclip.kernels.contrastive_triton import scaled_matmul
 
     gen = torch.Generator().manual_seed(1)
@@ -160,6 +162,7 @@ def test_scaled_matmul_writes_past_int32_offsets(sparse):
 
 
 def test_similarity_with_row_offsets_beyond_int32(sparse):
+    _triton()
     from vladva_openclip.kernels import similarity
 
     gen = torch.Generator().manual_seed(2)
@@ -173,6 +176,7 @@ def test_pooling_forward_and_backward_beyond_int32(sparse, monkeypatch):
     """hidden [3, T, 2048] bf16 with B * T * D > 2^31: the pooled rows of sequences 1 (through the position term)
     and 2 (through the row term) and their gradients live past 2^31 elements, in the input and in the dense
     gradient (the zero fill is redirected to a sparse file)."""
+    _triton()
     from vladva_openclip.kernels import last_token_pool, last_token_pool_ref
 
     b, t, d = 3, 2**19 + 8, 2048
