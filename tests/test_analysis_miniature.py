@@ -17,11 +17,12 @@ def test_miniature_runs_every_analysis_and_reuses_its_fine_tunes(tmp_path, monke
                 "summary.json"):
         assert (out / rel).is_file(), rel
     head = summary["headline"]
-    assert set(head["retention"]) == {"base", "vladva", "contrastive"}
+    assert set(head["retention"]) == {"base", "vladva", "contrastive", "e5v"}
     assert head["prompts"]["applied_adapter_loads_with_the_pair"] is True
     assert (out / "prompts_vladva" / "prompts.csv").is_file() and "mean_R@1" in head["prompts_vladva"]
-    assert set(head["own_prompt_retrieval"]) == {"base", "vladva", "contrastive"}
-    assert summary["fine_tunes"]["vladva"]["reused"] is False and summary["fine_tunes"]["vladva"]["train_seconds"] > 0
+    assert set(head["own_prompt_retrieval"]) == {"base", "vladva", "contrastive", "e5v"}
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["fine_tunes_reused"]["vladva"] is False and timings["fine_tune_seconds"]["vladva"] > 0
     assert len(json.loads((out / "prompts" / "prompts.json").read_text())["candidates"]) == PRESETS["test"]["n_prompts"]
     # the fine-tunes differ from the captioner (their own soft prompts and LoRA)
     assert head["next_token"]["vladva"]["image"]["mean_entropy"] != head["next_token"]["base"]["image"]["mean_entropy"]
@@ -33,7 +34,9 @@ def test_miniature_runs_every_analysis_and_reuses_its_fine_tunes(tmp_path, monke
         raise AssertionError("retrained although the adapters were there")
 
     monkeypatch.setattr(pipeline, "train_variant", no_training)
+    monkeypatch.setattr(pipeline, "prepare_demo_data", no_training)  # nor renders the training split
     again = run_miniature(preset("test", out=tmp_path / "out2", work=tmp_path / "work", progress=False,
                                  retention_scenes=1))
     assert again["headline"]["attention"] == summary["headline"]["attention"]
-    assert again["fine_tunes"]["contrastive"]["reused"] is True
+    assert json.loads((tmp_path / "out2" / "timings.json").read_text())["fine_tunes_reused"] == \
+        {"vladva": True, "contrastive": True, "e5v": True}

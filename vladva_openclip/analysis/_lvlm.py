@@ -6,7 +6,7 @@ here, so that a change of how the model assembles its sequences is absorbed in t
 
 - :func:`prompt_view`: the same weights with other handcrafted prompts (a second ``VladVA`` wrapper sharing the
   LVLM, LoRA included), so a prompt sweep never reloads a model;
-- :func:`image_input_ids`: the image tower's token ids (``model.image_input_ids()`` when the model has it);
+- :func:`image_input_ids`: the image tower's token ids (``model.image_input_ids()``) on the model's device;
 - :func:`encode_images_with_prompts`: image embeddings for many prompts that run the vision tower and projector
   once and the shared ``[template | image tokens]`` prefix of the LLM once (its key/value cache is reused), then
   only each prompt's own tokens;
@@ -119,12 +119,9 @@ def prompt_view(model: nn.Module, image_prompt: str | None = None, text_prompt: 
 
 # ---- token layout of the image tower -----------------------------------------------------------------------
 def image_input_ids(model: nn.Module) -> torch.Tensor:
-    """Token ids of the image tower's sequence ``[template | image tokens | prompt]``, ``[T]`` (soft-prompt slots
-    hold the handcrafted ids they were initialised from)."""
-    if hasattr(model, "image_input_ids"):
-        return model.image_input_ids().to(model.device)
-    prompt = model.image_prompt
-    return torch.cat([prompt.prefix_ids, model.image_body_ids, prompt.suffix_ids]).to(model.device)
+    """Token ids of the image tower's sequence ``[template | image tokens | prompt]``, ``[T]``, on the model's
+    device (soft-prompt slots hold the handcrafted ids they were initialised from)."""
+    return model.image_input_ids().to(model.device)
 
 
 def image_token_id(model: nn.Module) -> int:

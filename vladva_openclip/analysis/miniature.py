@@ -3,11 +3,14 @@
     vladva analyze miniature --out results/analysis      # or: python -m vladva_openclip.analysis.miniature
 
 The models: the shipped generative captioner used zero-shot with handcrafted prompts (``base``), its VladVA
-fine-tune (LoRA + soft prompts + contrastive + AR loss, ``vladva``) and a contrastive-only fine-tune (LoRA + soft
-prompts, no AR loss: the E5-V-like recipe, ``contrastive``), both trained by ``vladva-train`` exactly as
-``vladva demo`` trains (same world, budget and seed). Outputs: ``prompts/`` (the search on the captioner),
+fine-tune (LoRA + soft prompts + contrastive + AR loss, ``vladva``), an image-text contrastive-only fine-tune (LoRA
++ soft prompts, no AR loss, ``contrastive``) and E5-V's own recipe (LoRA, text-only contrastive on
+caption/paraphrase pairs, ``e5v``), all trained by ``vladva-train`` exactly as ``vladva demo`` trains (its world,
+caption styles, budget and seed; :mod:`vladva_openclip.demo.pipeline`). Outputs: ``prompts/`` (the search on the captioner),
 ``prompts_vladva/`` (the same search on the VladVA fine-tune's weights), ``next_token/``, ``attention/``,
-``retention/`` and ``summary.json`` under ``--out``; the world, training runs and adapters go to ``--work``.
+``retention/``, ``summary.json`` (deterministic) and ``timings.json`` under ``--out``; the world, training runs
+and adapters go to ``--work``. Retention captions unseen scenes of another world seed, scored against the
+descriptions in the captioner's own (full) style.
 """
 from __future__ import annotations
 
@@ -32,8 +35,9 @@ _logger = logging.getLogger(__name__)
 
 MODEL_NAME = "vladva-tiny-llava"
 BASE_TAG = "synth_captioner"
-#: label -> demo variant fine-tuned from the captioner (None: the captioner itself, zero-shot)
-FINETUNES = {"vladva": "vladva", "contrastive": "lora-soft-prompt"}
+#: label -> demo variant fine-tuned from the captioner
+FINETUNES = {"vladva": "vladva", "contrastive": "lora-soft-prompt", "e5v": "e5v"}
+STAMP = "miniature_training.json"
 
 
 @dataclass
@@ -48,7 +52,7 @@ class MiniatureConfig:
         next_token_inputs, attention_images: how many images (and captions) those views show.
         retention_scenes, retention_world_seed, retention_split: the scenes captioned (a world seed no model has
             seen; the train split has only colour-shape pairs the captioner learned).
-        threads: torch CPU threads (None: leave torch's default).
+        threads: torch CPU threads (None: the demo's default, one).
     """
 
     out: Path = Path("results/analysis")
@@ -70,11 +74,6 @@ class MiniatureConfig:
     threads: int | None = None
     progress: bool = True
 
-    def training_key(self) -> str:
-        """What decides the fine-tuned weights (a change retrains; anything else reuses them)."""
-        keys = ("n_train", "epochs", "batch_size", "lr", "warmup", "seed", "world_seed")
-        return hashlib.blake2b(json.dumps({k: getattr(self, k) for k in keys}).encode(), digest_size=8).hexdigest()
-
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
@@ -95,39 +94,54 @@ def preset(name: str, **overrides: Any) -> MiniatureConfig:
 
 
 def _demo_config(cfg: MiniatureConfig):
-    from ..demo.pipeline import DemoConfig
+    """The demo's own configuration (world, caption styles, caption lengths, threads) with this run's budget."""
+    from ..demo.pipeline import preset as demo_preset
 
-    return DemoConfig(out=cfg.work / "demo", n_train=cfg.n_train, n_test=cfg.n_test, world_seed=cfg.world_seed,
-                      batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.lr, warmup=cfg.warmup, seed=cfg.seed,
-                      pretrained=BASE_TAG, baseline=False, progress=cfg.progress,
-                      max_long_len=128 if cfg.n_train >= 1024 else 64)
+    budget = {k: getattr(cfg, k) for k in ("n_train", "n_test", "world_seed", "batch_size", "epochs", "lr",
+                                            "warmup", "seed", "threads") if getattr(cfg, k) is not None}
+    return demo_preset("default", out=cfg.work / "demo", pretrained=BASE_TAG, baseline=False, e5v=False,
+                       generative=False, progress=cfg.progress, **budget)
+
+
+def training_key(demo_cfg, variant_key: str) -> str:
+    """Everything that decides a fine-tune's weights (the demo's settings and the variant): a change retrains."""
+    import vladva_openclip
+
+    settings = {k: str(v) for k, v in demo_cfg.result_settings().items()}
+    ident = {"demo": settings, "variant": variant_key, "version": vladva_openclip.__version__}
+    return hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def _stamp(adapter: Path) -> dict[str, Any]:
+    path = adapter / STAMP
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _fine_tuned_adapter(key: str, variant_key: str, cfg: MiniatureConfig, demo_cfg,
-                        train_csv: Path) -> tuple[Path, dict[str, Any]]:
+                        tables: dict[str, Path]) -> tuple[Path, dict[str, Any]]:
     """The fine-tune as an adapter directory with the captioner's base inside (``pretrained=`` loads it whole),
-    and its training record; trained with ``vladva-train`` unless an adapter with the same training settings is
+    and its training record; trained with ``vladva-train`` unless an adapter with the same training key is
     already there."""
     from .. import save_adapter
     from ..demo.pipeline import load_variant, train_variant
     from ..demo.variants import get_variant
 
     out = cfg.work / "adapters" / key
-    stamp = out / "miniature_training.json"
-    if stamp.is_file():
-        record = json.loads(stamp.read_text())
-        if record.get("training_key") == cfg.training_key():
-            _logger.info("reusing the %s fine-tune in %s", key, out)
-            return out, {**record, "reused": True}
+    wanted = training_key(demo_cfg, variant_key)
+    record = _stamp(out)
+    if record.get("training_key") == wanted:
+        _logger.info("reusing the %s fine-tune in %s", key, out)
+        return out, {**record, "reused": True}
     variant = get_variant(variant_key)
+    table = tables["text_pairs" if variant.text_pairs else "vladva"]
     start = time.perf_counter()
-    ckpt = train_variant(variant, train_csv, demo_cfg, cfg.work / "runs", f"analysis-{key}")
+    ckpt = train_variant(variant, table, demo_cfg, cfg.work / "runs", f"analysis-{key}")
     seconds = round(time.perf_counter() - start, 1)
     model, _, _ = load_variant(variant, demo_cfg, ckpt)
     save_adapter(model, out, include_base=True)
-    record = {"training_key": cfg.training_key(), "variant": variant_key, "label": variant.label,
+    record = {"training_key": wanted, "variant": variant_key, "label": variant.label,
               "train_seconds": seconds, "threads": torch.get_num_threads()}
-    stamp.write_text(json.dumps(record, indent=1) + "\n")
+    (out / STAMP).write_text(json.dumps(record, indent=1) + "\n")
     return out, {**record, "reused": False}
 
 
@@ -166,10 +180,32 @@ def own_prompt_retrieval(model, preprocess, data, batch_size: int = 50) -> dict[
 
 
 def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
-    """Train (or reuse) the fine-tunes, run the four analyses, write everything under ``cfg.out``."""
+    """Train (or reuse) the fine-tunes, run the four analyses, write everything under ``cfg.out``:
+    ``summary.json`` holds only numbers that are a function of the settings; wall-clock times go to
+    ``timings.json``."""
+    from ..demo.pipeline import fixed_threads
+
+    demo_cfg = _demo_config(cfg)
+    with fixed_threads(demo_cfg.threads):
+        return _run(cfg, demo_cfg)
+
+
+def _training_data(cfg: MiniatureConfig, demo_cfg):
+    """(evaluation sets on disk, packed training tables); the training split is rendered only if some fine-tune
+    has to be trained."""
+    from ..demo.pipeline import build_demo_world, prepare_demo_data
+
+    todo = [k for k, v in FINETUNES.items()
+            if _stamp(cfg.work / "adapters" / k).get("training_key") != training_key(demo_cfg, v)]
+    if not todo:
+        return build_demo_world(demo_cfg, write_train=False), {}
+    data = prepare_demo_data(demo_cfg)
+    return data.paths, data.tables
+
+
+def _run(cfg: MiniatureConfig, demo_cfg) -> dict[str, Any]:
     import open_clip
 
-    from ..demo.pipeline import build_demo_world
     from .attention import attention_maps
     from .data import load_analysis_data
     from .next_token import next_tokens
@@ -177,8 +213,6 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
     from .prompt_sets import default_prompt_pairs
     from .retention import RetentionConfig, caption_retention, world_scenes
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
 
@@ -189,9 +223,8 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
         _logger.info("miniature: %s done in %.0f s", key, seconds[key])
         return result
 
-    demo_cfg = _demo_config(cfg)
-    paths = timed("world", lambda: build_demo_world(demo_cfg))
-    trained = {k: _fine_tuned_adapter(k, v, cfg, demo_cfg, paths.train_csv) for k, v in FINETUNES.items()}
+    paths, tables = timed("world", lambda: _training_data(cfg, demo_cfg))
+    trained = {k: _fine_tuned_adapter(k, v, cfg, demo_cfg, tables) for k, v in FINETUNES.items()}
     adapters = {k: path for k, (path, _) in trained.items()}
     models = load_models(model_refs(adapters))
     data = load_analysis_data(paths.retrieval_json, paths.retrieval_json.parent)
@@ -227,6 +260,11 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
     files["retention"] = retention.save(out / "retention")
 
     seconds["total"] = round(time.perf_counter() - start, 1)
+    write_json(out / "timings.json", {
+        "seconds": seconds, "fine_tune_seconds": {k: r.get("train_seconds") for k, (_, r) in trained.items()},
+        "fine_tunes_reused": {k: r["reused"] for k, (_, r) in trained.items()},
+        "environment": {"torch": torch.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads(), "machine": platform.machine()}})
     headline = {
         "prompts": {**_prompt_headline(prompts), "applied_adapter_loads_with_the_pair": applied_ok},
         "prompts_vladva": _prompt_headline(prompts_ft),
@@ -239,12 +277,9 @@ def run_miniature(cfg: MiniatureConfig) -> dict[str, Any]:
                           if k not in ("out", "work", "progress")},
                "models": {r.label: {"name": r.name, "pretrained": Path(r.pretrained).name if r.pretrained else None,
                                     "kwargs": r.kwargs} for r in model_refs(adapters)},
-               "fine_tunes": {k: {"variant": v, **{f: trained[k][1].get(f) for f in
-                                                   ("label", "train_seconds", "threads", "reused")}}
-                              for k, v in FINETUNES.items()},
-               "headline": headline, "seconds": seconds,
-               "environment": {"torch": torch.__version__, "python": platform.python_version(),
-                               "threads": torch.get_num_threads(), "machine": platform.machine()},
+               "fine_tunes": {k: {"variant": v, "label": trained[k][1].get("label")} for k, v in FINETUNES.items()},
+               "demo_settings": {k: str(v) for k, v in demo_cfg.result_settings().items()},
+               "headline": headline,
                "files": {k: {n: str(Path(p).relative_to(out)) for n, p in v.items()} for k, v in files.items()}}
     write_json(out / "summary.json", summary)
     return summary
