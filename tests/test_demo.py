@@ -64,9 +64,11 @@ def test_demo_end_to_end_through_the_cli_and_deterministic(tmp_path, capsys):
     # the baseline's config was registered only while it was used
     import open_clip
     assert B.BASELINE_NAME not in open_clip.list_models()
-    # the same settings again: every number identical, byte for byte
+    assert timings["second_process"] is True  # the baselines trained in a second process...
+    # ... and the same settings again, all in this process: every number identical, byte for byte
     again = tmp_path / "again"
-    run_demo(preset("test", out=again, n_train=64, epochs=3, progress=False))
+    run_demo(preset("test", out=again, n_train=64, epochs=3, progress=False, parallel=False))
+    assert json.loads((again / "timings.json").read_text())["second_process"] is False
     assert (again / "summary.json").read_bytes() == (out / "summary.json").read_bytes()
 
 

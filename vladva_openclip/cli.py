@@ -50,7 +50,7 @@ def _setup_logging(quiet: bool) -> None:
 # ---- demo ----------------------------------------------------------------------------------------------------
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     from .demo.pipeline import PRESETS, DemoConfig
-    from .demo.variants import VARIANTS
+    from .demo.variants import TABLE4
 
     d = DemoConfig()
     p.add_argument("--out", type=Path, default=d.out, help=f"output directory (default: {d.out})")
@@ -62,15 +62,21 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
         ("epochs", int, "epochs of both trainers"), ("batch_size", int, "batch size of both trainers"),
         ("lr", float, "VladVA learning rate"), ("clip_lr", float, "CLIP baseline learning rate"),
         ("warmup", int, "warmup steps"), ("seed", int, "training seed"), ("world_seed", int, "world seed"),
-        ("threads", int, "torch CPU threads (default: all cores)"),
+        ("threads", int, "torch CPU threads (the numbers are identical across runs for the same count)"),
     ):
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, default=None,
                        help=f"{what} (default: the preset's; default preset: {getattr(d, name)})")
-    p.add_argument("--variant", choices=list(VARIANTS)[1:], default=None,
+    p.add_argument("--variant", choices=list(TABLE4)[1:], default=None,
                    help="which VladVA configuration to fine-tune (default: vladva = LoRA + soft prompts + AR loss)")
     p.add_argument("--pretrained", default=None, help=f"base to fine-tune (default: {d.pretrained})")
     p.add_argument("--no-baseline", dest="baseline", action="store_false", default=None,
                    help="skip the CLIP baseline")
+    p.add_argument("--no-e5v", dest="e5v", action="store_false", default=None,
+                   help="skip the E5-V-style baseline (text-only contrastive fine-tuning on paraphrase pairs)")
+    p.add_argument("--generative", dest="generative", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score the pair tasks by the captioner's and the VladVA model's own likelihood")
+    p.add_argument("--short-captions", choices=("coarse", "detailed"), default=None,
+                   help=f"the world's training short captions (default: {d.short_captions}: part of the scene)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--quiet", action="store_true", help="only warnings and the final table")
 
@@ -82,7 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     _setup_logging(args.quiet)
     keys = ("out", "n_train", "n_test", "epochs", "batch_size", "lr", "clip_lr", "warmup", "seed", "world_seed",
-            "threads", "variant", "pretrained", "baseline", "progress")
+            "threads", "variant", "pretrained", "baseline", "e5v", "generative", "short_captions", "progress")
     cfg = preset(args.preset, **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
     announce = (lambda msg: None) if args.quiet else (lambda msg: print(f"\n== {msg}", flush=True))
     result = run_demo(cfg, announce=announce)

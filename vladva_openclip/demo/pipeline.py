@@ -34,7 +34,7 @@ _logger = logging.getLogger(__name__)
 
 MODEL_NAME = "vladva-tiny-llava"
 #: settings that do not change any number of the table (left out of summary.json)
-_NOT_RESULTS = ("out", "progress", "log_every")
+_NOT_RESULTS = ("out", "progress", "log_every", "parallel")
 
 
 @dataclass
@@ -54,7 +54,9 @@ class DemoConfig:
         baseline, e5v: also train and evaluate the CLIP baseline / the E5-V-style text-only fine-tune.
         generative: also score the pair tasks with the captioner's and the VladVA model's own likelihood.
         max_short_len, max_long_len: caption tokens kept (compact long captions fit 96 with their EOS).
-        threads: torch CPU threads; the numbers are identical across runs for the same count.
+        threads: torch CPU threads of each process; the numbers are identical across runs for the same count.
+        parallel: train the baselines (E5-V-style, CLIP) in a second process beside the VladVA fine-tuning, on a
+            machine with 2 or more cores (the same numbers either way).
     """
 
     out: Path = Path("vladva_demo_out")
@@ -78,6 +80,7 @@ class DemoConfig:
     max_long_len: int = 96
     eval_batch_size: int = 200
     threads: int | None = 1
+    parallel: bool = True
     log_every: int = 10
     progress: bool = True
 
@@ -256,18 +259,34 @@ class DemoResult:
 class _Stages:
     """Numbered stage messages and wall-clock per stage."""
 
-    def __init__(self, total: int, announce: Callable[[str], None]):
-        self.total, self.n, self.announce = total, 0, announce
+    def __init__(self, total: int, announce: Callable[[str], None], first: int = 0, tag: str = ""):
+        self.total, self.n, self.announce, self.tag = total, first, announce, tag
         self.seconds: dict[str, float] = {}
 
     def run(self, key: str, title: str, fn: Callable[[], Any]) -> Any:
         self.n += 1
-        self.announce(f"[{self.n}/{self.total}] {title}")
+        self.announce(f"[{self.n}/{self.total}]{self.tag} {title}")
         start = time.perf_counter()
         result = fn()
         self.seconds[key] = round(time.perf_counter() - start, 1)
-        self.announce(f"[{self.n}/{self.total}] {title}: done in {self.seconds[key]:.0f} s")
+        self.announce(f"[{self.n}/{self.total}]{self.tag} {title}: done in {self.seconds[key]:.0f} s")
         return result
+
+
+class _Rows:
+    """Evaluated models in the order they are added: ``(label, results, extra)``; the table's rows."""
+
+    def __init__(self, cfg: DemoConfig, tasks: list[dict[str, Any]], generative: list[dict[str, Any]]):
+        self.cfg, self.tasks, self.generative = cfg, tasks, generative
+        self.items: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+
+    def evaluate(self, label: str, model, preprocess, tokenizer, scoring: str = "embedding", **extra) -> None:
+        from ..eval.api import evaluate
+
+        results = evaluate(model, preprocess, tokenizer, self.tasks if scoring == "embedding" else self.generative,
+                           device="cpu", batch_size=self.cfg.eval_batch_size, progress=self.cfg.progress,
+                           scoring=scoring)
+        self.items.append((f"{label}, generative scoring" if scoring == "generative" else label, results, extra))
 
 
 @contextlib.contextmanager
@@ -290,71 +309,17 @@ def run_demo(cfg: DemoConfig, announce: Callable[[str], None] | None = None) -> 
         return _run_demo(cfg, announce or _logger.info)
 
 
-def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
-    from ..eval.api import evaluate
-    from ..eval.report import Report
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logs = out / "runs"
-    variant = get_variant(cfg.variant)
-    zero_shot, e5v = get_variant("zero-shot"), get_variant("e5v")
-    stages = _Stages(5 + 2 * cfg.e5v + 2 * cfg.baseline, announce)
-    start = time.perf_counter()
-    report = Report(meta={"demo_config": cfg.result_settings(), "steps": cfg.steps})
-    table = SummaryTable(n_test=cfg.n_test)
-    losses: dict[str, dict[str, float]] = {}
-
-    data = stages.run("world", f"synthetic world ({cfg.short_captions} short captions, {cfg.long_captions} long "
-                               f"ones): {cfg.n_train} training scenes, {cfg.n_test} test scenes",
-                      lambda: prepare_demo_data(cfg))
-    tasks = eval_tasks(data.paths)
-
-    def evaluate_into(label: str, model, preprocess, tokenizer, scoring: str = "embedding", **extra) -> None:
-        results = evaluate(model, preprocess, tokenizer, tasks if scoring == "embedding" else
-                           generative_tasks(data.paths), device="cpu", batch_size=cfg.eval_batch_size,
-                           progress=cfg.progress, scoring=scoring)
-        if scoring == "generative":
-            label = f"{label}, generative scoring"
-        for r in results.values():
-            report.add(label, r)
-        table.add(label, results, **extra)
-
-    def zero_shot_stage() -> None:
-        model, preprocess, tokenizer = load_variant(zero_shot, cfg)
-        losses["before"] = training_loss(model, data)
-        evaluate_into(f"tiny LLaVA captioner, {zero_shot.label}", model, preprocess, tokenizer, steps=0)
-        if cfg.generative:
-            from .pretrain_captioner import build_captioner
-
-            # The captioner scores captions after the instruction it was trained to answer.
-            captioner, _, preprocess = build_captioner(cfg.pretrained)
-            evaluate_into("tiny LLaVA captioner", captioner.eval(), preprocess, captioner.tokenizer,
-                          scoring="generative", steps=0)
-
-    stages.run("zero_shot_eval", "zero-shot: the generative captioner as an embedding model (handcrafted prompts)"
-               + (" and as a generative scorer" if cfg.generative else ""), zero_shot_stage)
-    ckpt = stages.run("vladva_train", f"VladVA fine-tuning, {variant.label}: {cfg.steps} steps x {cfg.batch_size}",
-                      lambda: train_variant(variant, data.tables["vladva"], cfg, logs, f"vladva-{cfg.variant}"))
-
-    def vladva_eval_stage() -> None:
-        model, preprocess, tokenizer = load_variant(variant, cfg, ckpt)
-        losses["after"] = training_loss(model, data)
-        label = f"VladVA {variant.label}"
-        evaluate_into(label, model, preprocess, tokenizer, steps=cfg.steps)
-        if cfg.generative:
-            evaluate_into(label, model, preprocess, tokenizer, scoring="generative", steps=cfg.steps)
-
-    stages.run("vladva_eval", "evaluation of the fine-tuned model", vladva_eval_stage)
-
+def _side_stages(cfg: DemoConfig, data: DemoData, rows: _Rows, stages: _Stages) -> None:
+    """The baselines: the E5-V-style fine-tune and the CLIP from scratch, each trained and evaluated."""
+    logs = Path(cfg.out) / "runs"
     if cfg.e5v:
-        e5v_ckpt = stages.run(
-            "e5v_train", f"{e5v.label}: {cfg.steps} steps x {cfg.batch_size}",
-            lambda: train_variant(e5v, data.tables["text_pairs"], cfg, logs, "e5v"))
+        e5v = get_variant("e5v")
+        ckpt = stages.run("e5v_train", f"{e5v.label}: {cfg.steps} steps x {cfg.batch_size}",
+                          lambda: train_variant(e5v, data.tables["text_pairs"], cfg, logs, "e5v"))
         stages.run("e5v_eval", "evaluation of the E5-V-style model",
-                   lambda: evaluate_into(e5v.label, *load_variant(e5v, cfg, e5v_ckpt), steps=cfg.steps))
-
+                   lambda: rows.evaluate(e5v.label, *load_variant(e5v, cfg, ckpt), steps=cfg.steps))
     if cfg.baseline:
+        out = Path(cfg.out)
         tok_dir = baseline.write_clip_tokenizer(out / "baseline" / "tokenizer")
         config_file = baseline.write_model_config(out / "baseline", tok_dir)
         settings = baseline.TrainSettings(batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.clip_lr,
@@ -367,10 +332,116 @@ def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
 
             def clip_eval_stage() -> None:
                 model, preprocess, tokenizer = baseline.load_clip(clip_name, clip_ckpt)
-                evaluate_into(f"CLIP from scratch ({baseline.count_clip_parameters(model) / 1e6:.2f}M params)",
+                rows.evaluate(f"CLIP from scratch ({baseline.count_clip_parameters(model) / 1e6:.2f}M params)",
                               model, preprocess, tokenizer, steps=cfg.steps)
 
             stages.run("clip_eval", "evaluation of the CLIP baseline", clip_eval_stage)
+
+
+def _side_lane_process(cfg: DemoConfig, data: DemoData, first: int, total: int, result_file: str) -> None:
+    """The baselines in a second process (spawned), beside the VladVA fine-tuning: results to ``result_file``."""
+    import sys
+
+    from .. import install
+
+    install()
+    torch.set_num_threads(cfg.threads or 1)
+    rows = _Rows(cfg, eval_tasks(data.paths), generative_tasks(data.paths))
+    stages = _Stages(total, _logger.info, first=first, tag=" (second process)")
+    try:
+        _side_stages(cfg.with_(progress=False), data, rows, stages)
+    except BaseException as err:  # the parent reports it with this process's exit code
+        print(f"demo baselines failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        raise
+    Path(result_file).write_text(json.dumps({"rows": rows.items, "seconds": stages.seconds}))
+
+
+def _use_second_process(cfg: DemoConfig) -> bool:
+    import os
+
+    return cfg.parallel and (cfg.e5v or cfg.baseline) and (os.cpu_count() or 1) >= 2
+
+
+def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
+    import multiprocessing
+
+    from ..eval.report import Report
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "runs"
+    variant = get_variant(cfg.variant)
+    zero_shot = get_variant("zero-shot")
+    n_main, n_side = 4, 2 * cfg.e5v + 2 * cfg.baseline
+    stages = _Stages(n_main + n_side + 1, announce)
+    start = time.perf_counter()
+    losses: dict[str, dict[str, float]] = {}
+
+    data = stages.run("world", f"synthetic world ({cfg.short_captions} short captions, {cfg.long_captions} long "
+                               f"ones): {cfg.n_train} training scenes, {cfg.n_test} test scenes",
+                      lambda: prepare_demo_data(cfg))
+    rows = _Rows(cfg, eval_tasks(data.paths), generative_tasks(data.paths))
+    side = None
+    if _use_second_process(cfg):
+        # The baselines train in a second process, one thread each: the two cores work at once, and every number
+        # is still a function of the settings alone (each process has its fixed thread count and seeds).
+        side_file = out / ".baselines.json"
+        side_file.unlink(missing_ok=True)
+        side = multiprocessing.get_context("spawn").Process(
+            target=_side_lane_process, args=(cfg, data, n_main, stages.total, str(side_file)), daemon=False)
+        side.start()
+
+    def zero_shot_stage() -> None:
+        model, preprocess, tokenizer = load_variant(zero_shot, cfg)
+        losses["before"] = training_loss(model, data)
+        rows.evaluate(f"tiny LLaVA captioner, {zero_shot.label}", model, preprocess, tokenizer, steps=0)
+        if cfg.generative:
+            from .pretrain_captioner import build_captioner
+
+            # The captioner scores captions after the instruction it was trained to answer.
+            captioner, _, preprocess = build_captioner(cfg.pretrained)
+            rows.evaluate("tiny LLaVA captioner", captioner.eval(), preprocess, captioner.tokenizer,
+                          scoring="generative", steps=0)
+
+    stages.run("zero_shot_eval", "zero-shot: the generative captioner as an embedding model (handcrafted prompts)"
+               + (" and as a generative scorer" if cfg.generative else ""), zero_shot_stage)
+    table_key = "text_pairs" if variant.text_pairs else "vladva"
+    ckpt = stages.run("vladva_train", f"VladVA fine-tuning, {variant.label}: {cfg.steps} steps x {cfg.batch_size}",
+                      lambda: train_variant(variant, data.tables[table_key], cfg, logs, f"vladva-{cfg.variant}"))
+
+    def vladva_eval_stage() -> None:
+        model, preprocess, tokenizer = load_variant(variant, cfg, ckpt)
+        losses["after"] = training_loss(model, data)
+        label = f"VladVA {variant.label}"
+        rows.evaluate(label, model, preprocess, tokenizer, steps=cfg.steps)
+        if cfg.generative:
+            rows.evaluate(label, model, preprocess, tokenizer, scoring="generative", steps=cfg.steps)
+
+    stages.run("vladva_eval", "evaluation of the fine-tuned model", vladva_eval_stage)
+
+    if side is None:
+        _side_stages(cfg, data, rows, stages)
+    else:
+        t0 = time.perf_counter()
+        side.join()
+        stages.seconds["wait_for_second_process"] = round(time.perf_counter() - t0, 1)
+        if side.exitcode != 0 or not side_file.is_file():
+            raise RuntimeError(f"the baselines' process failed (exit code {side.exitcode}); its message is above, "
+                               f"the trainers' logs are under {logs}")
+        side_result = json.loads(side_file.read_text())
+        side_file.unlink()
+        rows.items.extend(tuple(item) for item in side_result["rows"])
+        stages.seconds.update(side_result["seconds"])
+        stages.n += n_side
+        announce(f"[{n_main + 1}-{n_main + n_side}/{stages.total}] the baselines, trained in a second process "
+                 f"meanwhile: " + ", ".join(f"{k} {v:.0f} s" for k, v in side_result["seconds"].items()))
+
+    report = Report(meta={"demo_config": cfg.result_settings(), "steps": cfg.steps})
+    table = SummaryTable(n_test=cfg.n_test)
+    for label, results, extra in rows.items:
+        for r in results.values():
+            report.add(label, r)
+        table.add(label, results, **extra)
 
     def write() -> dict[str, str]:
         seconds = {**stages.seconds, "total": round(time.perf_counter() - start, 1)}
@@ -380,7 +451,8 @@ def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
                    "columns": [c.header for c in table.columns]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "summary.md").write_text(table.to_markdown() + "\n")
-        (out / "timings.json").write_text(json.dumps({"seconds": seconds, "machine": machine()}, indent=2) + "\n")
+        timings = {"seconds": seconds, "second_process": side is not None, "machine": machine()}
+        (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         return {"summary_md": str(out / "summary.md"), "summary_json": str(out / "summary.json"),
                 "results_md": str(md_path), "results_json": str(json_path), "timings": str(out / "timings.json")}
 
