@@ -124,3 +124,31 @@ def test_fp32_paths_compile_for_sm90_without_spills():
     assert result["problems"] == [], "\n".join(result["problems"])
     dots = [r for r in result["rows"] if r["uses_dot"]]
     assert all(r["tensor_cores"] == ("tf32" in r["dtype"].split("+")) for r in dots), "TF32: tensor cores; IEEE: FMA"
+
+
+@pytest.mark.triton_interpret
+def test_autotune_lists_for_sm90_and_one_config_under_the_interpreter():
+    """sm_90 lists tune BLOCK_N over 64/128/256, 3-4 stages and 4/8 warps, keyed on D and the precision; the
+    interpreter gets one fixed configuration (tuning would need a benchmarking driver); shared memory prunes fp32."""
+    from _helpers_kernels import kernel_device
+
+    kernel_device("interpret")
+    from vladva_openclip.kernels import contrastive_triton as ct
+    from vladva_openclip.kernels import similarity_triton as st
+    from vladva_openclip.kernels._triton_common import SM90_SHARED_LIMIT, smem_estimate
+
+    kernels = {"fwd": (ct.contrastive_fwd_kernel, ct.FWD_TILES), "grad": (ct.contrastive_grad_kernel, ct.GRAD_TILES),
+               "matmul": (ct.scaled_matmul_kernel, ct.MATMUL_TILES), "similarity": (st.similarity_fwd_kernel,
+                                                                                    st.SIM_TILES)}
+    block_n, stages, warps = set(), set(), set()
+    for name, (kernel, tiles) in kernels.items():
+        assert len(kernel.configs) == 1 and kernel.configs[0] is tiles.interpret, name
+        assert ("K" in tiles.key or "N" in tiles.key) and "PRECISION" in tiles.key, name
+        for c in (*tiles.gpu, *tiles.tf32, *tiles.fma):
+            block_n.add(c.kwargs["BLOCK_N"])
+            stages.add(c.num_stages)
+            warps.add(c.num_warps)
+    assert block_n == {64, 128, 256} and stages == {3, 4} and warps == {4, 8}
+    # fp32 operands take twice the shared memory: the largest 16-bit configuration does not fit them
+    big = max(ct.MATMUL_TILES.gpu, key=lambda c: smem_estimate(ct.MATMUL_TILES, c, 2))
+    assert smem_estimate(ct.MATMUL_TILES, big, 2) <= SM90_SHARED_LIMIT < smem_estimate(ct.MATMUL_TILES, big, 4)
