@@ -1,9 +1,11 @@
 """Triton kernels with pure-torch references, installed as ``vladva_openclip.kernels``.
 
 Every op has a pure-torch reference (the CPU path and the ground truth), a Triton kernel for CUDA tensors, and a
-dispatcher: ``impl="auto"`` runs Triton on CUDA tensors and the reference elsewhere, ``impl="triton"`` raises
-:class:`KernelNotSupportedError` listing why an input cannot take the kernel, ``impl="reference"`` forces the
-reference. Triton itself is imported only when a Triton path runs. See kernels/README.md for the derivations.
+dispatcher: ``impl="auto"`` runs Triton on CUDA tensors and the reference elsewhere (pooling: the torch path
+everywhere, the kernel saves nothing measurable), ``impl="triton"`` raises :class:`KernelNotSupportedError` listing
+why an input cannot take the kernel, ``impl="reference"`` forces the reference. Triton itself is imported only when
+a Triton path runs. Precision follows torch's settings (autocast, TF32): kernels/README.md, "Precision modes", which
+also has the derivations.
 
 Ops: :func:`last_token_index`, :func:`last_token_pool`, :func:`contrastive_loss` / :class:`FusedClipLoss`,
 :func:`similarity`, :func:`similarity_topk`. :func:`not_supported_reasons` says why an implementation would not run.
