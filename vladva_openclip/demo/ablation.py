@@ -12,6 +12,7 @@ processes (``--seeds 1 --out part1``, ...) and be merged: ``--merge part0 part1 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -23,6 +24,10 @@ from typing import Any
 from .pipeline import DemoConfig, eval_tasks, fixed_threads, load_variant, prepare_demo_data, preset, train_variant
 from .summary import SUMMARY_COLUMNS, pick
 from .variants import VARIANTS, get_variant
+
+#: row key -> label: the VladVA configurations and, beside them, the CLIP trained from scratch
+CLIP_KEY = "clip"
+LABELS: dict[str, str] = {**{k: v.label for k, v in VARIANTS.items()}, CLIP_KEY: "CLIP from scratch (0.39M params)"}
 
 _logger = logging.getLogger(__name__)
 
@@ -41,7 +46,7 @@ PAPER_COLUMNS = ("T2I R@1", "I2T R@1", "SC replace", "SC swap", "SC add")
 class AblationConfig:
     out: Path = Path("ablation_out")
     seeds: tuple[int, ...] = (0, 1, 2)
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = (*VARIANTS, CLIP_KEY)
     preset: str = "default"
     overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -55,18 +60,39 @@ def run_one_seed(base: DemoConfig, seed: int, variants: tuple[str, ...]) -> list
     tasks = eval_tasks(data.paths)
     records = []
     for key in variants:
-        variant = get_variant(key)
         start = time.perf_counter()
-        table = data.tables["text_pairs" if variant.text_pairs else "vladva"]
-        ckpt = train_variant(variant, table, cfg, Path(cfg.out) / "runs", key) if variant.trained else None
-        train_s = time.perf_counter() - start
-        model, preprocess, tokenizer = load_variant(variant, cfg, ckpt)
-        results = evaluate(model, preprocess, tokenizer, tasks, device="cpu", batch_size=cfg.eval_batch_size,
-                           progress=cfg.progress)
-        records.append({"seed": seed, "variant": key, "label": variant.label, "train_seconds": round(train_s, 1),
+        if key == CLIP_KEY:
+            with _trained_clip(cfg, data) as (model, preprocess, tokenizer):
+                train_s = time.perf_counter() - start
+                results = evaluate(model, preprocess, tokenizer, tasks, device="cpu",
+                                   batch_size=cfg.eval_batch_size, progress=cfg.progress)
+        else:
+            variant = get_variant(key)
+            table = data.tables["text_pairs" if variant.text_pairs else "vladva"]
+            ckpt = train_variant(variant, table, cfg, Path(cfg.out) / "runs", key) if variant.trained else None
+            train_s = time.perf_counter() - start
+            model, preprocess, tokenizer = load_variant(variant, cfg, ckpt)
+            results = evaluate(model, preprocess, tokenizer, tasks, device="cpu", batch_size=cfg.eval_batch_size,
+                               progress=cfg.progress)
+        records.append({"seed": seed, "variant": key, "label": LABELS[key], "train_seconds": round(train_s, 1),
                         "summary": pick(results), "metrics": {k: v["metrics"] for k, v in results.items()}})
-        _logger.info("seed %d, %s: %s", seed, variant.label, records[-1]["summary"])
+        _logger.info("seed %d, %s: %s", seed, LABELS[key], records[-1]["summary"])
     return records
+
+
+@contextlib.contextmanager
+def _trained_clip(cfg: DemoConfig, data):
+    """The demo's CLIP baseline trained on this seed's scenes; yields (model, preprocess, tokenizer)."""
+    from . import baseline
+
+    out = Path(cfg.out)
+    config_file = baseline.write_model_config(out / "baseline", baseline.write_clip_tokenizer(out / "baseline" / "tok"))
+    settings = baseline.TrainSettings(batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.clip_lr,
+                                      warmup=cfg.warmup, seed=cfg.seed, log_every=cfg.log_every)
+    with baseline.registered_config(config_file) as name:
+        ckpt = baseline.train_clip_on_tensors(data.images, data.shorts, data.pixels, out / "runs", CLIP_KEY,
+                                              settings, name)
+        yield baseline.load_clip(name, ckpt)
 
 
 def aggregate(records: list[dict[str, Any]], variants: tuple[str, ...]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -88,7 +114,7 @@ def markdown_table(stats: dict[str, dict[str, tuple[float, float]]], columns: tu
     lines = ["| Config | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for key, s in stats.items():
         cells = [f"{s[c][0]:.1f} ± {s[c][1]:.1f}" if c in s else "–" for c in columns]
-        lines.append(f"| {VARIANTS[key].label} | " + " | ".join(cells) + " |")
+        lines.append(f"| {LABELS[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -126,7 +152,7 @@ def plot(stats: dict[str, dict[str, tuple[float, float]]], path: Path, seeds: in
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(columns))]
         means = [stats[key].get(c, (0.0, 0.0))[0] for c in columns]
         stds = [stats[key].get(c, (0.0, 0.0))[1] for c in columns]
-        ax.bar(xs, means, width, yerr=stds, capsize=2, label=VARIANTS[key].label)
+        ax.bar(xs, means, width, yerr=stds, capsize=2, label=LABELS[key])
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(columns)
     ax.set_ylabel("%")
@@ -154,7 +180,7 @@ def run_ablation(cfg: AblationConfig) -> dict[str, Any]:
 
 def write_results(out: Path, config: dict[str, Any], records: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """``ablation.json``, ``ablation.md`` and ``ablation.png`` of the records (one per seed and variant)."""
-    variants = tuple(k for k in VARIANTS if any(r["variant"] == k for r in records))
+    variants = tuple(k for k in LABELS if any(r["variant"] == k for r in records))
     seeds = sorted({r["seed"] for r in records})
     stats = aggregate(records, variants)
     result = {"config": {**config, "seeds": seeds}, "seconds": seconds, "records": records,
@@ -190,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=AblationConfig.out)
     p.add_argument("--seeds", type=int, nargs="+", default=list(AblationConfig.seeds))
-    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=list(LABELS), default=list(AblationConfig.variants),
+                   help="rows to run (clip: the CLIP from scratch of the demo)")
     p.add_argument("--preset", default="default")
     p.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                    help="override a demo setting, e.g. --set epochs=3")
