@@ -64,7 +64,7 @@ def test_reference_nll_equals_the_captioners_own_loss():
     scenes = world_scenes(3, seed=7, split="train")
     result = caption_retention({"base": (model, pre)}, scenes, RetentionConfig(max_new_tokens=12, progress=False))
     cap, _, cpre = build_captioner("synth_captioner")
-    ids = cap.tokenizer(scenes.references, context_length=128)
+    ids = cap.tokenizer.long_captions(scenes.references, context_length=128)  # tokenized as the answer
     nll, n = caption_nll(cap.eval(), torch.stack([cpre(im) for im in scenes.images]), ids)
     assert result.summary["base"]["reference_nll"] == pytest.approx(float(nll.sum() / n.sum()), rel=1e-5)
     # generation is the model's own (greedy, the same instruction)
