@@ -257,3 +257,28 @@ def test_shipped_captioner_describes_the_image_it_sees():
         metrics = validation_metrics(model, x, model.tokenizer.long_captions(longs, context_length=cfg.max_long_len))
         assert metrics["grounding"] >= 85.0, (split, metrics)
         assert metrics["nll"] < 0.6, (split, metrics)
+
+
+def test_docs_tables_from_ablation_records(tmp_path):
+    """The regenerated tables: the AR-loss check per column (means, spread, paired per-seed changes, verdict) and
+    the marked blocks of a document replaced, nothing else touched."""
+    from vladva_openclip.demo import ablation as A
+    from vladva_openclip.demo import docs as D
+
+    records = []
+    for seed, shift in ((0, 0.0), (1, 2.0), (2, 4.0)):
+        for key, base in (("zero-shot", 10.0), ("lora-soft-prompt", 50.0), ("vladva", 53.0), ("e5v", 40.0),
+                          ("clip", 45.0)):
+            records.append({"seed": seed, "variant": key, "summary": {c.header: base + shift for c in SUMMARY_COLUMNS}})
+    result = A.write_results(tmp_path / "abl", {"steps": 640, "demo_config": preset("default").result_settings()},
+                             records, 1.0)
+    table = D.hypothesis_table(result)
+    swap = next(line for line in table.splitlines() if line.startswith("| SC swap |"))
+    # means 52 vs 55, spread = std 2.0, change +3.0 > 2.0; paired change +3.0 for every seed
+    assert "| 52.0 ± 2.0 | 55.0 ± 2.0 | +3.0 | 2.0 | +3.0 ± 0.0 (+3.0, +3.0, +3.0) | yes |" in swap
+    readme = D.readme_block(result, None, None)
+    assert "| CLIP from scratch (0.39M params) | 47.0 ± 2.0 |" in readme and "E5-V-style" in readme
+    doc = "intro\n<!-- demo-table:begin -->\nold\n<!-- demo-table:end -->\noutro\n"
+    assert D.replace_block(doc, "demo-table", "new") == "intro\n<!-- demo-table:begin -->\nnew\n<!-- demo-table:end -->\noutro\n"
+    with pytest.raises(ValueError, match="no <!-- other:begin -->"):
+        D.replace_block(doc, "other", "x")

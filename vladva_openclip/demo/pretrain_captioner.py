@@ -52,6 +52,8 @@ class CaptionerConfig:
             and gets no EOS target).
         threads: torch CPU threads (results are bitwise reproducible for the same count; one thread is also the
             fastest choice on a 2-core machine that runs anything else).
+        init: start from this base (a ``vladva-tiny-llava`` pretrained tag or directory) instead of random weights:
+            a second stage that adapts a trained captioner to another caption style or tokenization.
     """
 
     out: Path
@@ -69,6 +71,7 @@ class CaptionerConfig:
     long_captions: str = "compact"
     max_long_len: int = 96
     threads: int | None = 1
+    init: str | None = None
     eval_every: int = 1000
     n_samples: int = 4
     progress: bool = True
@@ -153,7 +156,7 @@ def pretrain_captioner(cfg: CaptionerConfig) -> dict:
     # a colour-shape pair the training split never shows (the captioner must compose "red" and "triangle").
     val_images, _, val_longs = render_split(world, "test", cfg.n_val, cfg.progress)
     iid_images, _, iid_longs = render_split(world, "train", cfg.n_val, cfg.progress, start=cfg.n_train)
-    model, _, _ = build_captioner()
+    model, _, _ = build_captioner(cfg.init)
     tokenizer = model.tokenizer
     mean, std = model.visual.image_mean, model.visual.image_std
     ids = tokenizer.long_captions(longs, context_length=cfg.max_long_len)
@@ -234,6 +237,7 @@ def parse_args(argv: list[str] | None = None) -> CaptionerConfig:
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
     p.add_argument("--long-captions", default=defaults.long_captions, help="the world's long-caption style")
+    p.add_argument("--init", default=None, help="start from this base (pretrained tag or directory)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return CaptionerConfig(**vars(p.parse_args(argv)))
 
