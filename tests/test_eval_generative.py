@@ -49,8 +49,8 @@ def test_scores_match_a_hand_computed_likelihood(captioner, world):
 
     model, preprocess, tok = captioner
     images = ImageSet.from_paths(sorted(world.eval_images.glob("*.png"))[:3])
-    captions = ["a red circle left of a blue square", "a blue square", "The image shows a single object on a "
-                "white background. In the center, there is a small red circle."]
+    captions = ["a red circle left of a blue square", "a blue square", ("The image shows a single object on a "
+                "white background. In the center, there is a small red circle.")]
     index = torch.tensor([0, 1, 2, 1])
     caps = captions + ["a blue square"]  # a repeated pair is scored once, and the same
     for reduction in ("sum", "mean"):

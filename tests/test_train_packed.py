@@ -108,7 +108,7 @@ def test_e5v_style_training_reads_text_pairs_and_its_loss_falls(world, model_par
             return float(VladVALoss(ar_weight=0.0)(**out)), model
 
     before, _ = pair_loss(None)
-    after, trained = pair_loss(ckpt)
+    after, _trained = pair_loss(ckpt)
     assert after < before - 0.3, (before, after)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert saved and all("lora_" in k or k.endswith("logit_scale") for k in saved)
