@@ -19,9 +19,9 @@ _logger = logging.getLogger(__name__)
 PROVIDERS = ("fused", "clip_loss")
 GPU_NS = (4096, 8192, 32768, 65536)
 GPU_DS = (1024, 4096)
-# products of N x N x D per forward+backward (kernels/README.md: fused 5, ClipLoss 6) and what fraction of the
+# products of N x N x D per forward+backward (kernels/README.md: fused 4 with the one-pass backward, ClipLoss 6) and what fraction of the
 # measured matrix rate each is assumed to reach when estimating whether a case fits (pessimistic)
-PRODUCTS = {"fused": 5, "clip_loss": 6}
+PRODUCTS = {"fused": 4, "clip_loss": 6}
 ASSUMED_EFFICIENCY = 0.25
 DO_BENCH_CALLS = 12  # warm-up, peak-memory call, do_bench (1 + 5 estimate + warm-up + >= 1 timed), check
 CHECK_MAX_N = 32768  # the reference check (an fp32 rerun) above this N costs more than it tells
