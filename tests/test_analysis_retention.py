@@ -92,3 +92,18 @@ def test_retention_compares_models_and_writes_outputs(tmp_path):
         world_scenes(0)
     with pytest.raises(ValueError, match="instruction is empty"):
         RetentionConfig(instruction=" ")
+
+
+def test_extra_reference_styles_score_the_same_scenes():
+    """Descriptions of the same scenes in another style are scored as an extra set; its NLL equals the NLL of a
+    run that takes that style as the primary references."""
+    model, pre = build_tiny("vladva-tiny-llava", pretrained="synth_captioner")
+    compact = world_scenes(2, seed=7, long_captions="compact", extra_styles=["full"])
+    full = world_scenes(2, seed=7, long_captions="full")
+    assert compact.scenes == full.scenes and compact.references != full.references
+    assert compact.extra_references["full"] == full.references
+    cfg = RetentionConfig(max_new_tokens=4, progress=False)
+    a = caption_retention({"m": (model, pre)}, compact, cfg).summary["m"]
+    b = caption_retention({"m": (model, pre)}, full, cfg).summary["m"]
+    assert a["reference_nll_full"] == pytest.approx(b["reference_nll"], rel=1e-6)
+    assert a["reference_nll"] != pytest.approx(b["reference_nll"])

@@ -236,6 +236,9 @@ def _retention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--world-seed", type=int, default=7)
     g.add_argument("--world-split", default="train", choices=("train", "test"),
                    help="train: the seen colour-shape pairs; test: every scene holds a held-out pair")
+    g.add_argument("--long-captions", default="full", help="style of the reference descriptions (full, compact)")
+    g.add_argument("--extra-style", action="append", default=[],
+                   help="also score the same scenes' descriptions in this style (reference NLL only)")
     _data_args(p, captions=False)
     p.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="captioning prompt for every model")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -247,7 +250,8 @@ def _retention(args: argparse.Namespace) -> int:
     from .retention import RetentionConfig, caption_retention, data_scenes, world_scenes
 
     scenes = data_scenes(_data(args)) if args.data or args.images else world_scenes(
-        args.n_scenes, args.world_seed, args.world_split)
+        args.n_scenes, args.world_seed, args.world_split, long_captions=args.long_captions,
+        extra_styles=args.extra_style)
     cfg = RetentionConfig(instruction=args.instruction, max_new_tokens=args.max_new_tokens,
                           batch_size=args.batch_size or 16, progress=args.progress)
     result = caption_retention(_models(args), scenes, cfg)

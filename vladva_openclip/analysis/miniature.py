@@ -9,8 +9,8 @@ caption/paraphrase pairs, ``e5v``), all trained by ``vladva-train`` exactly as `
 caption styles, budget and seed; :mod:`vladva_openclip.demo.pipeline`). Outputs: ``prompts/`` (the search on the captioner),
 ``prompts_vladva/`` (the same search on the VladVA fine-tune's weights), ``next_token/``, ``attention/``,
 ``retention/``, ``summary.json`` (deterministic) and ``timings.json`` under ``--out``; the world, training runs
-and adapters go to ``--work``. Retention captions unseen scenes of another world seed, scored against the
-descriptions in the captioner's own (full) style.
+and adapters go to ``--work``. Retention captions unseen scenes of another world seed; the reference descriptions
+are in the fine-tunes' long-caption style, with the other style as a second reference set.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..synth.captions import LONG_STYLES
 from .models import ModelRef, load_models
 from .outputs import write_json
 
@@ -255,7 +256,11 @@ def _run(cfg: MiniatureConfig, demo_cfg) -> dict[str, Any]:
     attn = timed("attention", lambda: attention_maps(models, data,
                                                       image_indices=list(range(cfg.attention_images))))
     files["attention"] = attn.save(out / "attention")
-    scenes = world_scenes(cfg.retention_scenes, cfg.retention_world_seed, cfg.retention_split)
+    # References in the fine-tunes' long-caption style, and in the other style (the shipped captioner was
+    # pretrained on "full" descriptions): style adaptation and forgetting show apart.
+    style = demo_cfg.long_captions
+    scenes = world_scenes(cfg.retention_scenes, cfg.retention_world_seed, cfg.retention_split, long_captions=style,
+                          extra_styles=[s for s in LONG_STYLES if s != style])
     retention = timed("retention", lambda: caption_retention(models, scenes, RetentionConfig(progress=cfg.progress)))
     files["retention"] = retention.save(out / "retention")
 

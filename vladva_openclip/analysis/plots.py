@@ -193,20 +193,24 @@ def plot_retention(result: RetentionResult, path: str | os.PathLike) -> Path:
     plt = _plt()
     models = result.models
     metrics: list[tuple[str, str]] = [(k, k.replace("_", " ")) for k in result.fact_metrics]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), gridspec_kw={"width_ratios": [3, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), gridspec_kw={"width_ratios": [3, 1.4]})
     width = 0.8 / max(1, len(models))
+    nll_keys = sorted({k for s in result.summary.values() for k in s if k.startswith("reference_nll")})
     for k, model in enumerate(models):
         s: dict[str, Any] = result.summary[model]
         axes[0].bar([i + k * width for i in range(len(metrics))], [s.get(m, float("nan")) for m, _ in metrics],
                     width, label=model, color=f"C{k}")
-        axes[1].bar([k], [s["reference_nll"]], 0.6, color=f"C{k}")
+        axes[1].bar([i + k * width for i in range(len(nll_keys))], [s.get(m, float("nan")) for m in nll_keys],
+                    width, color=f"C{k}")
     axes[0].set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(metrics))], [t for _, t in metrics],
                        fontsize=7, rotation=20)
     axes[0].set_ylim(0, 100)
     axes[0].set_ylabel("%")
     axes[0].set_title("Facts in the generated captions (checked against the scene)", fontsize=8)
     axes[0].legend(fontsize=7)
-    axes[1].set_xticks(range(len(models)), models, fontsize=6, rotation=20)
+    axes[1].set_xticks([i + width * (len(models) - 1) / 2 for i in range(len(nll_keys))],
+                       [k.removeprefix("reference_nll").strip("_") or "references" for k in nll_keys],
+                       fontsize=6, rotation=20)
     axes[1].set_ylabel("nats / token")
     axes[1].set_title("NLL of the reference long captions", fontsize=8)
     fig.tight_layout()

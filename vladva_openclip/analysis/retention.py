@@ -4,14 +4,15 @@ The same images are captioned by each model (greedy decoding, one instruction fo
 world, every caption is checked against its scene with :mod:`.caption_facts` (precision and recall of objects,
 attributes, relations). Every model also scores the reference long captions: the mean next-token NLL per token
 given the image and the captioning instruction (``reference_nll``), and given the image and the model's own
-image prompt (``reference_nll_own_prompt``: the condition VladVA's AR loss trains).
+image prompt (``reference_nll_own_prompt``: the condition VladVA's AR loss trains); extra reference sets (e.g. the
+same scenes described in another style) add ``reference_nll_<name>``.
 """
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ class RetentionConfig:
 
 @dataclass
 class Scenes:
-    """Images with their reference long captions; ``scenes`` (synthetic world only) enables fact checking."""
+    """Images with their reference long captions; ``scenes`` (synthetic world only) enables fact checking;
+    ``extra_references``: more reference sets (name -> one caption per image), scored for NLL only."""
 
     images: list[Any]  # PIL images
     references: list[str]
@@ -57,19 +59,26 @@ class Scenes:
     scenes: list[Any] | None = None
     world_config: Any = None
     info: dict[str, Any] | None = None
+    extra_references: dict[str, list[str]] = field(default_factory=dict)
 
 
-def world_scenes(n: int, seed: int = 0, split: str = "test") -> Scenes:
-    """``n`` scenes of the synthetic world (rendered in memory) with their reference long captions."""
+def world_scenes(n: int, seed: int = 0, split: str = "test", long_captions: str = "full",
+                 extra_styles: Sequence[str] = ()) -> Scenes:
+    """``n`` scenes of the synthetic world (rendered in memory) with their reference long captions in the style
+    ``long_captions``, and the same scenes' descriptions in each of ``extra_styles`` as extra reference sets."""
     from ..synth import World, WorldConfig
 
     if n < 1:
         raise ValueError(f"need at least one scene, got n={n}")
-    world = World(WorldConfig(seed=seed))
+    world = World(WorldConfig(seed=seed, long_captions=long_captions))
     samples = [world.sample(split, i) for i in range(n)]
+    extra = {}
+    for style in extra_styles:
+        other = World(WorldConfig(seed=seed, long_captions=style))
+        extra[style] = [other.sample(split, i).long for i in range(n)]  # same scenes: one stream per purpose
     return Scenes([world.render(s.scene) for s in samples], [s.long for s in samples],
                   [f"{split}/{s.index}" for s in samples], [s.scene for s in samples], world.config,
-                  {"world_seed": seed, "split": split, "n": n})
+                  {"world_seed": seed, "split": split, "n": n, "long_captions": long_captions}, extra)
 
 
 def data_scenes(data) -> Scenes:
@@ -101,7 +110,8 @@ class RetentionResult:
                 if any(k in s for s in self.summary.values())]
 
     def to_markdown(self) -> str:
-        cols = ["model", *self.fact_metrics, "unparsed_sentences", "reference_nll", "reference_nll_own_prompt"]
+        nll = sorted({k for v in self.summary.values() for k in v if k.startswith("reference_nll")})
+        cols = ["model", *self.fact_metrics, "unparsed_sentences", *nll]
         return markdown_table([{"model": m, **self.summary[m]} for m in self.models], cols, digits=2)
 
     def save(self, out: str | os.PathLike, plots: bool = True) -> dict[str, str]:
@@ -152,14 +162,18 @@ def caption_retention(models: Mapping[str, tuple[torch.nn.Module, Callable]], sc
         model.eval()
         instructed = _lvlm.prompt_view(model, image_prompt=cfg.instruction)
         records: list[dict[str, Any]] = []
-        nll = {"instruction": [0.0, 0.0], "own": [0.0, 0.0]}
+        nll = {key: [0.0, 0.0] for key in ("instruction", "own", *scenes.extra_references)}
         n = len(scenes.images)
         for start in tqdm(range(0, n, cfg.batch_size), desc=f"captions ({label})", disable=not cfg.progress):
             stop = min(n, start + cfg.batch_size)
             pixels = torch.stack([preprocess(im) for im in scenes.images[start:stop]])
             texts = model.generate(pixels.to(model.device), cfg.instruction, max_new_tokens=cfg.max_new_tokens)
-            ids = model.tokenizer.long_captions(scenes.references[start:stop], context_length=cfg.max_caption_len)
-            for key, runner in (("instruction", instructed), ("own", model)):
+            # As next-token targets the references are tokenized as the answer after the prompt (what the AR loss
+            # and the captioner's pretraining see), not as captions inside a template.
+            runs = [("instruction", instructed, scenes.references), ("own", model, scenes.references)]
+            runs += [(name, instructed, refs) for name, refs in scenes.extra_references.items()]
+            for key, runner, refs in runs:
+                ids = model.tokenizer.long_captions(refs[start:stop], context_length=cfg.max_caption_len)
                 s, c = _reference_nll(model, runner, pixels, ids)
                 nll[key][0] += float(s.sum())
                 nll[key][1] += float(c.sum())
@@ -183,6 +197,8 @@ def caption_retention(models: Mapping[str, tuple[torch.nn.Module, Callable]], sc
             s["unparsed_sentences"] = sum(r["unparsed_sentences"] for r in records) / len(records)
         s["reference_nll"] = nll["instruction"][0] / max(nll["instruction"][1], 1.0)
         s["reference_nll_own_prompt"] = nll["own"][0] / max(nll["own"][1], 1.0)
+        for name in scenes.extra_references:
+            s[f"reference_nll_{name}"] = nll[name][0] / max(nll[name][1], 1.0)
         s["mean_words"] = sum(len(r["generated"].split()) for r in records) / len(records)
         summary[label] = s
     info = {"instruction": cfg.instruction, "max_new_tokens": cfg.max_new_tokens, "decoding": "greedy",
