@@ -84,8 +84,10 @@ def test_optimizer_groups_and_lr_scale(tmp_path):
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-3, pytest.approx(1e-2)]
 
 
-def test_resumable_loader_skips_reports_boundaries_and_shows_progress(capsys):
+def test_resumable_loader_skips_reports_boundaries_and_shows_progress(capsys, monkeypatch):
     from vladva_openclip.train.main import ResumableLoader
+
+    monkeypatch.setenv("VLADVA_PROGRESS_INTERVAL", "0")  # not a terminal: a line per update instead of redraws
 
     class Loader(list):
         num_batches, num_samples = 6, 48
