@@ -153,6 +153,13 @@ def model_refs(adapters: dict[str, Path]) -> list[ModelRef]:
     return [base, *(ModelRef(k, MODEL_NAME, str(p)) for k, p in adapters.items())]
 
 
+def _weights_digest(model) -> str:
+    """Names the captioner's weights, so a summary computed on another shipped captioner shows it."""
+    from ..eval.cache import weights_fingerprint
+
+    return weights_fingerprint(model.lvlm)
+
+
 def _prompt_headline(result) -> dict[str, Any]:
     """The recommended pair, the correlations with mean R@1, and where the recommendation lands in R@1."""
     mean_r1 = sorted((r.t2i_r1 + r.i2t_r1) / 2 for r in result.rows)
@@ -284,6 +291,7 @@ def _run(cfg: MiniatureConfig, demo_cfg) -> dict[str, Any]:
                                     "kwargs": r.kwargs} for r in model_refs(adapters)},
                "fine_tunes": {k: {"variant": v, "label": trained[k][1].get("label")} for k, v in FINETUNES.items()},
                "demo_settings": {k: str(v) for k, v in demo_cfg.result_settings().items()},
+               "captioner_weights": _weights_digest(models["base"][0]),
                "headline": headline,
                "files": {k: {n: str(Path(p).relative_to(out)) for n, p in v.items()} for k, v in files.items()}}
     write_json(out / "summary.json", summary)
