@@ -11,9 +11,10 @@ from vladva_openclip.analysis.retention import RetentionConfig
 from vladva_openclip.synth import World, WorldConfig
 
 
-@pytest.mark.parametrize("seed, split", [(0, "train"), (0, "test"), (1000, "train")])
-def test_world_descriptions_state_every_fact_and_only_true_ones(seed, split):
-    world = World(WorldConfig(seed=seed))
+@pytest.mark.parametrize("seed, split, style", [(0, "train", "full"), (0, "test", "full"), (1000, "train", "full"),
+                                               (0, "train", "compact"), (7, "test", "compact")])
+def test_world_descriptions_state_every_fact_and_only_true_ones(seed, split, style):
+    world = World(WorldConfig(seed=seed, long_captions=style))
     for i in range(150):
         s = world.sample(split, i)
         facts = caption_facts(s.long, world.config)
