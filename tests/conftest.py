@@ -34,3 +34,24 @@ def tiny(tiny_name):
     model, _, preprocess = open_clip.create_model_and_transforms(tiny_name)
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(tiny_name)
+
+
+@pytest.fixture(autouse=True)
+def _logging_handlers_restored():
+    """Remove logging handlers a test leaves behind (a CLI's basicConfig run in-process binds one to pytest's
+    captured stderr; once that stream closes, every later log record prints a "Logging error" traceback)."""
+    import logging
+
+    def snapshot():
+        loggers = [logging.getLogger()] + [lg for lg in logging.root.manager.loggerDict.values()
+                                           if isinstance(lg, logging.Logger)]
+        return {id(lg): (lg, list(lg.handlers), lg.level) for lg in loggers}
+
+    before = snapshot()
+    yield
+    for key, (lg, handlers, level) in snapshot().items():
+        kept, old_level = (before[key][1], before[key][2]) if key in before else ([], lg.level)
+        for h in lg.handlers[:]:
+            if h not in kept:
+                lg.removeHandler(h)
+        lg.setLevel(old_level)
