@@ -66,7 +66,7 @@ def test_next_token_attention_retention_end_to_end(analysis_world, tmp_path, cap
     assert main(["analyze", "retention", *models, "--n-scenes", "1", "--max-new-tokens", "6",
                  "--out", str(tmp_path / "ret"), *COMMON]) == 0
     ret = json.loads((tmp_path / "ret" / "retention.json").read_text())
-    assert ret["info"]["scenes"] == {"world_seed": 7, "split": "train", "n": 1}
+    assert ret["info"]["scenes"] == {"world_seed": 7, "split": "train", "n": 1, "long_captions": "compact"}
     printed = capsys.readouterr().out
     assert "object_precision" in printed and "written:" in printed
 

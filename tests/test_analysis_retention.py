@@ -84,7 +84,8 @@ def test_retention_compares_models_and_writes_outputs(tmp_path):
     result = caption_retention({"captioner": (base, pre), "random": (noise, pre)}, scenes,
                                RetentionConfig(max_new_tokens=10, progress=False))
     s = result.summary
-    assert s["captioner"]["reference_nll"] < 1.5 < s["random"]["reference_nll"]  # ln(2048) = 7.6 for chance
+    assert s["random"]["reference_nll"] > 7.0  # ln(2048) = 7.6: a random model knows nothing of the captions
+    assert s["captioner"]["reference_nll"] < 0.5 * s["random"]["reference_nll"]
     assert s["captioner"]["reference_nll_own_prompt"] > 0
     files = result.save(tmp_path / "ret")
     assert {"csv", "captions_csv", "json", "md", "png"} <= set(files)

@@ -227,6 +227,7 @@ def _attention(args: argparse.Namespace) -> int:
 
 # ---- retention ---------------------------------------------------------------------------------------------
 def _retention_args(p: argparse.ArgumentParser) -> None:
+    from ..demo.pipeline import DemoConfig
     from .retention import CAPTION_INSTRUCTION
 
     _model_args(p, several=True)
@@ -236,7 +237,9 @@ def _retention_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--world-seed", type=int, default=7)
     g.add_argument("--world-split", default="train", choices=("train", "test"),
                    help="train: the seen colour-shape pairs; test: every scene holds a held-out pair")
-    g.add_argument("--long-captions", default="full", help="style of the reference descriptions (full, compact)")
+    g.add_argument("--long-captions", default=DemoConfig.long_captions,
+                   help=f"style of the reference descriptions: full or compact (default: the demo's, "
+                        f"{DemoConfig.long_captions})")
     g.add_argument("--extra-style", action="append", default=[],
                    help="also score the same scenes' descriptions in this style (reference NLL only)")
     _data_args(p, captions=False)

@@ -104,12 +104,26 @@ def _demo_config(cfg: MiniatureConfig):
                        generative=False, progress=cfg.progress, **budget)
 
 
+def _base_file_digest(tag: str) -> str:
+    """Hash of the shipped base the fine-tunes start from (a retrained captioner must retrain them)."""
+    from ..registry import get_pretrained_cfg
+
+    folder = Path(get_pretrained_cfg(MODEL_NAME, tag)["file"])
+    digest = hashlib.blake2b(digest_size=16)
+    with open(folder / "base_model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def training_key(demo_cfg, variant_key: str) -> str:
-    """Everything that decides a fine-tune's weights (the demo's settings and the variant): a change retrains."""
+    """Everything that decides a fine-tune's weights (the demo's settings, the base's weights, the variant): a
+    change retrains."""
     import vladva_openclip
 
     settings = {k: str(v) for k, v in demo_cfg.result_settings().items()}
-    ident = {"demo": settings, "variant": variant_key, "version": vladva_openclip.__version__}
+    ident = {"demo": settings, "variant": variant_key, "version": vladva_openclip.__version__,
+             "base": _base_file_digest(demo_cfg.pretrained)}
     return hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
@@ -263,8 +277,8 @@ def _run(cfg: MiniatureConfig, demo_cfg) -> dict[str, Any]:
     attn = timed("attention", lambda: attention_maps(models, data,
                                                       image_indices=list(range(cfg.attention_images))))
     files["attention"] = attn.save(out / "attention")
-    # References in the fine-tunes' long-caption style, and in the other style (the shipped captioner was
-    # pretrained on "full" descriptions): style adaptation and forgetting show apart.
+    # References in the fine-tunes' long-caption style, and in the other style as a second set (a model that only
+    # adapted its style and one that forgot how to describe differ there).
     style = demo_cfg.long_captions
     scenes = world_scenes(cfg.retention_scenes, cfg.retention_world_seed, cfg.retention_split, long_captions=style,
                           extra_styles=[s for s in LONG_STYLES if s != style])

@@ -62,15 +62,18 @@ class Scenes:
     extra_references: dict[str, list[str]] = field(default_factory=dict)
 
 
-def world_scenes(n: int, seed: int = 0, split: str = "test", long_captions: str = "full",
+def world_scenes(n: int, seed: int = 0, split: str = "test", long_captions: str | None = None,
                  extra_styles: Sequence[str] = ()) -> Scenes:
     """``n`` scenes of the synthetic world (rendered in memory) with their reference long captions in the style
-    ``long_captions``, and the same scenes' descriptions in each of ``extra_styles`` as extra reference sets."""
+    ``long_captions`` (None: the world's default), and the same scenes' descriptions in each of ``extra_styles``
+    as extra reference sets."""
     from ..synth import World, WorldConfig
 
     if n < 1:
         raise ValueError(f"need at least one scene, got n={n}")
-    world = World(WorldConfig(seed=seed, long_captions=long_captions))
+    config = WorldConfig(seed=seed)
+    world = World(config if long_captions is None else config.with_(long_captions=long_captions))
+    long_captions = world.config.long_captions
     samples = [world.sample(split, i) for i in range(n)]
     extra = {}
     for style in extra_styles:
