@@ -23,8 +23,8 @@ def test_demo_end_to_end_through_the_cli_and_deterministic(tmp_path, capsys):
     out = tmp_path / "demo"
     # 64 scenes trained on for 3 epochs of 2 steps: the fixed 64-sample yardstick is the training set itself, so
     # fine-tuning must lower its loss.
-    rc = main(["demo", "--preset", "test", "--out", str(out), "--n-train", "64", "--epochs", "3", "--quiet",
-               "--no-progress"])
+    rc = main(["demo", "--preset", "test", "--out", str(out), "--n-train", "64", "--epochs", "3", "--generative",
+               "--quiet", "--no-progress"])
     assert rc == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
@@ -67,7 +67,7 @@ def test_demo_end_to_end_through_the_cli_and_deterministic(tmp_path, capsys):
     assert timings["second_process"] is True  # the baselines trained in a second process...
     # ... and the same settings again, all in this process: every number identical, byte for byte
     again = tmp_path / "again"
-    run_demo(preset("test", out=again, n_train=64, epochs=3, progress=False, parallel=False))
+    run_demo(preset("test", out=again, n_train=64, epochs=3, generative=True, progress=False, parallel=False))
     assert json.loads((again / "timings.json").read_text())["second_process"] is False
     assert (again / "summary.json").read_bytes() == (out / "summary.json").read_bytes()
 

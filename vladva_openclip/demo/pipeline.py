@@ -52,7 +52,8 @@ class DemoConfig:
         pretrained: the base the fine-tunings start from (the shipped generative captioner).
         variant: which VladVA configuration is fine-tuned (see :mod:`.variants`).
         baseline, e5v: also train and evaluate the CLIP baseline / the E5-V-style text-only fine-tune.
-        generative: also score the pair tasks with the captioner's and the VladVA model's own likelihood.
+        generative: also score the pair tasks with the captioner's and the VladVA model's own likelihood (the
+            diagnostic of RESULTS.md; off by default, it adds two rows and ~20 s).
         max_short_len, max_long_len: caption tokens kept (compact long captions fit 96 with their EOS).
         threads: torch CPU threads of each process; the numbers are identical across runs for the same count.
         parallel: train the baselines (E5-V-style, CLIP) in a second process beside the VladVA fine-tuning, on a
@@ -75,7 +76,7 @@ class DemoConfig:
     variant: str = "vladva"
     baseline: bool = True
     e5v: bool = True
-    generative: bool = True
+    generative: bool = False
     max_short_len: int = 32
     max_long_len: int = 96
     eval_batch_size: int = 200
@@ -105,7 +106,7 @@ class DemoConfig:
 #: Named budgets (``vladva demo --preset``): overrides of DemoConfig's defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "fast": {"n_train": 2048, "epochs": 6, "e5v": False, "generative": False},
+    "fast": {"n_train": 2048, "epochs": 6, "e5v": False},
     "test": {"n_train": 128, "n_test": 24, "batch_size": 32, "epochs": 1, "warmup": 1, "log_every": 1},
 }
 
@@ -257,18 +258,21 @@ class DemoResult:
 
 
 class _Stages:
-    """Numbered stage messages and wall-clock per stage."""
+    """Numbered stage messages, wall-clock and CPU seconds (this process's) per stage. CPU seconds hardly depend on
+    what else the machine runs: they tell how long a stage takes on an idle core."""
 
     def __init__(self, total: int, announce: Callable[[str], None], first: int = 0, tag: str = ""):
         self.total, self.n, self.announce, self.tag = total, first, announce, tag
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     def run(self, key: str, title: str, fn: Callable[[], Any]) -> Any:
         self.n += 1
         self.announce(f"[{self.n}/{self.total}]{self.tag} {title}")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         result = fn()
         self.seconds[key] = round(time.perf_counter() - start, 1)
+        self.cpu_seconds[key] = round(time.process_time() - cpu, 1)
         self.announce(f"[{self.n}/{self.total}]{self.tag} {title}: done in {self.seconds[key]:.0f} s")
         return result
 
@@ -353,7 +357,8 @@ def _side_lane_process(cfg: DemoConfig, data: DemoData, first: int, total: int, 
     except BaseException as err:  # the parent reports it with this process's exit code
         print(f"demo baselines failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         raise
-    Path(result_file).write_text(json.dumps({"rows": rows.items, "seconds": stages.seconds}))
+    Path(result_file).write_text(json.dumps({"rows": rows.items, "seconds": stages.seconds,
+                                             "cpu_seconds": stages.cpu_seconds}))
 
 
 def _use_second_process(cfg: DemoConfig) -> bool:
@@ -432,6 +437,7 @@ def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
         side_file.unlink()
         rows.items.extend(tuple(item) for item in side_result["rows"])
         stages.seconds.update(side_result["seconds"])
+        stages.cpu_seconds.update(side_result["cpu_seconds"])
         stages.n += n_side
         announce(f"[{n_main + 1}-{n_main + n_side}/{stages.total}] the baselines, trained in a second process "
                  f"meanwhile: " + ", ".join(f"{k} {v:.0f} s" for k, v in side_result["seconds"].items()))
@@ -451,7 +457,8 @@ def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
                    "columns": [c.header for c in table.columns]}
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "summary.md").write_text(table.to_markdown() + "\n")
-        timings = {"seconds": seconds, "second_process": side is not None, "machine": machine()}
+        timings = {"seconds": seconds, "cpu_seconds": stages.cpu_seconds, "second_process": side is not None,
+                   "machine": machine()}
         (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         return {"summary_md": str(out / "summary.md"), "summary_json": str(out / "summary.json"),
                 "results_md": str(md_path), "results_json": str(json_path), "timings": str(out / "timings.json")}
