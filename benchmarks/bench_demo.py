@@ -148,12 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench_demo_out"))
     p.add_argument("--markdown", action="store_true", help="print the BENCHMARKS.md section")
     args = p.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=JSON, got {item!r}")
-        overrides[key] = json.loads(value)
+    from vladva_openclip.demo.pipeline import parse_settings
+
+    overrides = parse_settings(args.set)
     res: dict = {"machine": H.machine_name("cpu"), "runs": []}
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data_only:

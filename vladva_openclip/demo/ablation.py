@@ -21,7 +21,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .pipeline import DemoConfig, eval_tasks, fixed_threads, load_variant, prepare_demo_data, preset, train_variant
+from .pipeline import (
+    DemoConfig,
+    eval_tasks,
+    fixed_threads,
+    load_variant,
+    parse_settings,
+    prepare_demo_data,
+    preset,
+    train_variant,
+)
 from .summary import SUMMARY_COLUMNS, pick
 from .variants import VARIANTS, get_variant
 
@@ -229,12 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         merge(args.merge, args.out)
         print((Path(args.out) / "ablation.md").read_text())
         return
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=JSON, got {item!r}")
-        overrides[key] = json.loads(value)
+    overrides = parse_settings(args.set)
     result = run_ablation(AblationConfig(out=args.out, seeds=tuple(args.seeds), variants=tuple(args.variants),
                                          preset=args.preset, overrides=overrides))
     print((Path(args.out) / "ablation.md").read_text())

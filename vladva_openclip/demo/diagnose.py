@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .pipeline import DemoConfig, eval_tasks, fixed_threads, generative_tasks, load_variant
+from .pipeline import DemoConfig, eval_tasks, fixed_threads, generative_tasks, load_variant, parse_settings
 from .variants import get_variant
 
 _logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("generative.json"))
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    overrides = parse_settings(args.set)
     cfg = DemoConfig(world_seed=args.seed, seed=args.seed, progress=False, **overrides)
     torch.manual_seed(0)
     result = diagnose(cfg, args.runs, args.work, tuple(args.variants))

@@ -111,6 +111,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=JSON`` command-line items -> DemoConfig overrides (``["epochs=3"]`` -> ``{"epochs": 3}``)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=JSON, got {item!r}")
+        overrides[key] = json.loads(value)
+    return overrides
+
+
 def preset(name: str, **overrides: Any) -> DemoConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown demo preset {name!r}; known: {', '.join(PRESETS)}")
