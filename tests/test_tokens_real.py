@@ -178,3 +178,18 @@ def test_the_old_piecewise_assembly_differs_from_the_real_tokenizer(real_tokeniz
               hf("\n", add_special_tokens=False).input_ids]
     whole = hf("USER: a red circle\n", add_special_tokens=True).input_ids
     assert sum(pieces, []) != whole
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_truncation_keeps_the_longest_fitting_cut(meta_models, name):
+    """The bisection over cut points returns what a scan of every cut from the end returns."""
+    model, _ = meta_models[name]
+    tok = model.tokenizer
+    captions = ["a very long caption about " + "many red circles and blue squares, " * 12,
+                "Ünïcödé  text\twith  odd spacing 🐱 and punctuation!!! " * 6]
+    for caption in captions:
+        cuts = [0] + tok.codec("text").caption_cut_points(caption)
+        for length in (5, 9, 17, 40):
+            scan = next(b for c in reversed(cuts) if len(b := tok.text_body(caption[:c])) <= length)
+            body, cut = tok._fit_caption(caption, length)
+            assert cut and body == scan, (caption[:30], length)

