@@ -283,3 +283,40 @@ def test_docs_tables_from_ablation_records(tmp_path):
     assert D.replace_block(doc, "demo-table", "new") == "intro\n<!-- demo-table:begin -->\nnew\n<!-- demo-table:end -->\noutro\n"
     with pytest.raises(ValueError, match="no <!-- other:begin -->"):
         D.replace_block(doc, "other", "x")
+
+
+@pytest.mark.parametrize("after_step,kept", [(0.5, True), (0.95, False)])
+def test_second_core_is_taken_only_when_it_makes_steps_faster(after_step, kept):
+    """After the baselines' process ends, the demo times a few steps at its thread count and at twice that, and
+    keeps the wider count only if its steps are clearly faster (a busy neighbour makes two threads slower)."""
+    from vladva_openclip.demo.pipeline import _ThreadsWhenDone
+
+    class FakeProcess:
+        alive = True
+
+        def is_alive(self):
+            return self.alive
+
+    now = [0.0]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        proc = FakeProcess()
+        trial = _ThreadsWhenDone(proc, 2, probe=3, clock=lambda: now[0])
+        for _ in range(4):  # the other process still runs: nothing changes
+            now[0] += 1.0
+            trial()
+        assert trial.phase == "wait" and torch.get_num_threads() == 1
+        proc.alive = False
+        for _ in range(4):
+            now[0] += 1.0
+            trial()
+        assert trial.phase == "after" and torch.get_num_threads() == 2
+        for _ in range(3):
+            now[0] += after_step
+            trial()
+        assert trial.phase == "done" and trial.done is kept
+        assert torch.get_num_threads() == (2 if kept else 1)
+        assert trial.times["before"] == [1.0, 1.0, 1.0] and trial.times["after"] == [after_step] * 3
+    finally:
+        torch.set_num_threads(before)

@@ -87,8 +87,12 @@ def readme_block(result: dict[str, Any], summary: dict[str, Any] | None, timings
     if timings is not None:
         sec = timings["seconds"]
         m = timings["machine"]
-        text.append(f"`vladva demo` took {sec['total']:.0f} s here ({m['cores']} cores, {m['threads']} torch thread "
-                    f"per process, the baselines in a second process; load average at the end "
+        threads = timings.get("threads", m["threads"])
+        text.append(f"`vladva demo` took {sec['total']:.0f} s here, start-up and imports not counted "
+                    f"({m['cores']} cores, {threads} torch thread per process"
+                    + (f" and {timings['threads_after_second_process']} for the fine-tuning once the baselines' "
+                       "process had ended" if timings.get("threads_after_second_process") else "")
+                    + ", the baselines in a second process; load average at the end "
                     f"{m['load_average_1_5_15'][0]}), {sec['vladva_train']:.0f} s of it the VladVA fine-tuning; "
                     "BENCHMARKS.md has the breakdown, idle and beside a CPU-bound process.")
     return "\n".join(lines) + "\n\n" + " ".join(text)

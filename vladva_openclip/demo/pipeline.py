@@ -106,7 +106,7 @@ class DemoConfig:
 #: Named budgets (``vladva demo --preset``): overrides of DemoConfig's defaults.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "fast": {"n_train": 2048, "epochs": 6, "e5v": False},
+    "fast": {"n_train": 2048, "n_test": 100, "epochs": 5, "e5v": False},
     "test": {"n_train": 128, "n_test": 24, "batch_size": 32, "epochs": 1, "warmup": 1, "log_every": 1},
 }
 
@@ -210,10 +210,11 @@ def generative_tasks(paths) -> list[dict[str, Any]]:
 
 
 # ---- training and loading ----------------------------------------------------------------------------------
-def train_variant(variant: Variant, train_data: str | Path, cfg: DemoConfig, logs: Path, name: str) -> Path:
+def train_variant(variant: Variant, train_data: str | Path, cfg: DemoConfig, logs: Path, name: str,
+                  on_step: Callable[[], None] | None = None) -> Path:
     """Fine-tune ``variant`` from ``cfg.pretrained`` with ``vladva-train`` (open_clip_train's loop) on
     ``train_data`` (a packed ``.safetensors`` table, or the world's CSV/TSV table); returns the final checkpoint
-    (trainable tensors only)."""
+    (trainable tensors only). ``on_step``: called between optimizer steps (``vladva_openclip.train.main``)."""
     from ..synth.build import PAIR_COLUMNS
     from ..train.main import main as train_main
 
@@ -228,7 +229,8 @@ def train_variant(variant: Variant, train_data: str | Path, cfg: DemoConfig, log
         "--log-every-n-steps", str(cfg.log_every), "--save-frequency", str(cfg.epochs),
         *variant.train_flags(), *(["--progress"] if cfg.progress else []),
     ]
-    return run_to_final_checkpoint(train_main, argv, logs, name, cfg.epochs, f"vladva-train for {variant.label}")
+    return run_to_final_checkpoint(train_main, argv, logs, name, cfg.epochs, f"vladva-train for {variant.label}",
+                                   on_step=on_step)
 
 
 def load_variant(variant: Variant, cfg: DemoConfig, checkpoint: Path | None = None):
@@ -372,6 +374,56 @@ def _side_lane_process(cfg: DemoConfig, data: DemoData, first: int, total: int, 
                                              "cpu_seconds": stages.cpu_seconds}))
 
 
+class _ThreadsWhenDone:
+    """Between training steps: once the baselines' process has ended, try giving this process its core too.
+
+    The second process finishes long before the VladVA fine-tuning (its two trainers cost about half as much), so on
+    an idle machine one core would idle for the rest of the run. On a busy one, two threads fight the neighbour for
+    the cores and every step waits for the slower thread (the default demo took 417 s instead of ~300 s beside one
+    CPU-bound process), so the switch is a trial: ``probe`` steps at the old thread count, ``probe`` at the new, and
+    the new one stays only if its median step is clearly faster. torch's CPU kernels give bit-identical results at 1
+    and 2 threads on this project's machines (the demo's determinism test compares whole runs), so neither the trial
+    nor its outcome changes a number. It runs in the training thread because torch's thread count is per thread.
+    """
+
+    def __init__(self, process, threads: int, probe: int = 4, gain: float = 0.85,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.process, self.threads, self.probe, self.gain, self.clock = process, threads, probe, gain, clock
+        self.base = torch.get_num_threads()
+        self.phase = "wait"  # -> "before" (timing the old count) -> "after" (timing the new) -> "done"
+        self.last: float | None = None
+        self.times: dict[str, list[float]] = {"before": [], "after": []}
+        self.done = False  # True when the wider count was kept
+
+    def __call__(self) -> None:
+        now = self.clock()
+        step, self.last = (None if self.last is None else now - self.last), now
+        if self.phase == "wait":
+            if not self.process.is_alive():
+                self.phase = "before"
+        elif self.phase in self.times:
+            if step is not None:
+                self.times[self.phase].append(round(step, 4))
+            if len(self.times[self.phase]) >= self.probe:
+                self._next()
+        self.last = self.clock()  # the trial's own work is not part of the next step
+
+    def _next(self) -> None:
+        import statistics
+
+        if self.phase == "before":
+            self.phase = "after"
+            torch.set_num_threads(self.threads)
+            return
+        before, after = (statistics.median(self.times[k]) for k in ("before", "after"))
+        self.phase, self.done = "done", after < self.gain * before
+        if not self.done:
+            torch.set_num_threads(self.base)
+        _logger.info("the baselines' process has ended: %d torch threads from now on (median step %.3f s at %d, "
+                     "%.3f s at %d)", self.threads if self.done else self.base, before, self.base, after,
+                     self.threads)
+
+
 def _use_second_process(cfg: DemoConfig) -> bool:
     import os
 
@@ -422,8 +474,10 @@ def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
     stages.run("zero_shot_eval", "zero-shot: the generative captioner as an embedding model (handcrafted prompts)"
                + (" and as a generative scorer" if cfg.generative else ""), zero_shot_stage)
     table_key = "text_pairs" if variant.text_pairs else "vladva"
+    widen = None if side is None else _ThreadsWhenDone(side, 2 * (cfg.threads or 1))
     ckpt = stages.run("vladva_train", f"VladVA fine-tuning, {variant.label}: {cfg.steps} steps x {cfg.batch_size}",
-                      lambda: train_variant(variant, data.tables[table_key], cfg, logs, f"vladva-{cfg.variant}"))
+                      lambda: train_variant(variant, data.tables[table_key], cfg, logs, f"vladva-{cfg.variant}",
+                                            on_step=widen))
 
     def vladva_eval_stage() -> None:
         model, preprocess, tokenizer = load_variant(variant, cfg, ckpt)
@@ -469,7 +523,8 @@ def _run_demo(cfg: DemoConfig, announce: Callable[[str], None]) -> DemoResult:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (out / "summary.md").write_text(table.to_markdown() + "\n")
         timings = {"seconds": seconds, "cpu_seconds": stages.cpu_seconds, "second_process": side is not None,
-                   "machine": machine()}
+                   "threads": cfg.threads, "threads_after_second_process": widen.threads if widen and widen.done
+                   else None, "thread_trial_step_s": widen.times if widen else None, "machine": machine()}
         (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         return {"summary_md": str(out / "summary.md"), "summary_json": str(out / "summary.json"),
                 "results_md": str(md_path), "results_json": str(json_path), "timings": str(out / "timings.json")}

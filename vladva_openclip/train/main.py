@@ -51,6 +51,7 @@ class RunState:
         self.restore_save_most_recent = False
         self.step_save_deferred = False  # a step checkpoint fell due during a non-finite streak
         self.temp_files_cleaned = False
+        self.on_step: Callable[[], None] | None = None  # main()'s between-steps callback
         # checkpoints whose weights no finite optimizer step has used yet: (path, finite steps when saved)
         self.unconfirmed: list[tuple[str, int]] = []
 
@@ -312,6 +313,11 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
             state.temp_files_cleaned = True
             clean_stale_temp_files(args.checkpoint_path)
 
+        def between_steps(batches_done: int) -> None:
+            if state.on_step is not None:
+                state.on_step()
+            save_step(batches_done)
+
         def save_step(batches_done: int) -> None:
             if not every or not args.save_logs or batches_done % args.accum_freq:
                 return
@@ -339,7 +345,7 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         original_loader = train.dataloader
         # The bar only on rank 0 and only when asked: open_clip_train's log lines are what cluster logs want.
         bar = f"epoch {epoch}" if vargs.progress and ocm.is_master(args) else None
-        train.dataloader = ResumableLoader(original_loader, skip, save_step, progress=bar)
+        train.dataloader = ResumableLoader(original_loader, skip, between_steps, progress=bar)
         offset = skip // args.accum_freq
         shifted = (lambda step: scheduler(step + offset)) if (scheduler is not None and offset) else scheduler
         if skip:
@@ -413,8 +419,11 @@ def restored_root_logging() -> Iterator[None]:
                 lg.setLevel(levels.get(name, logging.NOTSET))
 
 
-def main(argv: list[str] | None = None) -> int | None:
-    """Run open_clip_train's main() with the VladVA extensions; ``argv`` as on the command line."""
+def main(argv: list[str] | None = None, on_step: Callable[[], None] | None = None) -> int | None:
+    """Run open_clip_train's main() with the VladVA extensions; ``argv`` as on the command line.
+
+    ``on_step`` (for programs that run the trainer in-process) is called in the training thread between optimizer
+    steps: the place to change per-thread settings such as torch's thread count."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--"]:  # torchrun needs a separator before flags like --logs (prefix of its --logs-specs)
         argv = argv[1:]
@@ -425,6 +434,7 @@ def main(argv: list[str] | None = None) -> int | None:
 
     install()  # rebinds the aliases open_clip_train imported by name
     state = RunState(vargs)
+    state.on_step = on_step
     with restored_root_logging(), patched(_make_hooks(state, ocm, ocs, oct)):
         try:
             return ocm.main(rest)
