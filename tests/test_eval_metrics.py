@@ -166,3 +166,22 @@ def test_default_similarity_is_the_kernels_op_and_agrees():
     owner = torch.arange(25) % 9
     default = M.retrieval_metrics(images, texts, owner, tile_elements=40)
     assert default == M.retrieval_metrics(images, texts, owner, similarity=matmul)
+
+
+def test_sugarcrepe_accuracy_orders_subsets_and_micro_averages():
+    correct = {"add_obj": torch.tensor([True, False]), "swap_att": torch.tensor([True, True, True]),
+               "swap_obj": torch.tensor([False]), "extra": torch.tensor([True])}
+    out = M.sugarcrepe_accuracy(correct, order=("swap_obj", "swap_att", "add_obj"))
+    assert list(out)[:4] == ["swap_obj", "swap_att", "add_obj", "extra"]
+    assert out["swap_obj"] == 0.0 and out["add_obj"] == 50.0 and out["extra"] == 100.0
+    assert out["swap"] == 75.0  # micro: 3 of 4 examples, not the mean of 100 and 0
+    assert out["add"] == 50.0 and "replace" not in out
+
+
+def test_score_level_rules_match_the_embedding_rules():
+    """The rules on scores (what generative scoring uses) are the ones the embedding path applies."""
+    for s in [(1.0, 0.2, 0.9, 1.0), (0.5, 0.6, 0.1, 0.9), (0.5, 0.1, 0.6, 0.9), (0.0, 1.0, 1.0, 0.0)]:
+        hits = M.winoground_hits(*(torch.tensor([v]) for v in s))
+        assert tuple(hits[k].item() for k in ("text", "image", "group")) == _wino(*s)
+    itt = M.itt_hits(torch.tensor([2.0, 1.0, 0.0]), torch.tensor([2.0, 0.5, 1.0]), torch.tensor([1.0, 0.5, 1.0]))
+    assert itt["itt"].tolist() == [True, False, False] and itt["img_p2_neg"].tolist() == [True, False, False]

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from ..progress import progress as tqdm
+from . import metrics as M
 from .data_compositional import SUGARCREPE_SUBSETS, CaptionSetData, WinogroundData
 from .images import ImageSet
 
@@ -116,22 +117,13 @@ class GenerativeScorer:
         return torch.tensor([scores[k] for k in keys], dtype=torch.float32)
 
 
-def _percent(x: torch.Tensor) -> float:
-    return 100.0 * x.double().mean().item()
-
-
 def _sugarcrepe(scorer: GenerativeScorer, data: CaptionSetData, name: str) -> dict[str, float]:
     correct = {}
     for n, sub in data.subsets.items():
         pos = scorer.score(data.images, sub["image"], sub["caption"], desc=f"{name} {n} positives")
         neg = scorer.score(data.images, sub["image"], sub["negative_caption"], desc=f"{name} {n} negatives")
         correct[n] = pos > neg
-    out = {n: _percent(correct[n]) for n in (*SUGARCREPE_SUBSETS, *data.subsets) if n in correct}
-    for group in ("replace", "swap", "add"):  # micro-averages, as the embedding path reports them
-        parts = [v for n, v in correct.items() if n.startswith(group + "_")]
-        if parts:
-            out[group] = _percent(torch.cat(parts))
-    return out
+    return M.sugarcrepe_accuracy(correct, order=SUGARCREPE_SUBSETS)
 
 
 def _sugarcrepe_pp(scorer: GenerativeScorer, data: CaptionSetData, name: str) -> dict[str, float]:
@@ -143,9 +135,7 @@ def _sugarcrepe_pp(scorer: GenerativeScorer, data: CaptionSetData, name: str) ->
     for n, sub in data.subsets.items():
         s1, s2, sn = (scorer.score(data.images, sub["image"], sub[role], desc=f"{name} {n} {role}")
                       for role in ("caption", "caption2", "negative_caption"))
-        hits = {"img_p1_neg": s1 > sn, "img_p2_neg": s2 > sn}
-        hits["itt"] = hits["img_p1_neg"] & hits["img_p2_neg"]
-        out.update({f"{n}_{k}": _percent(v) for k, v in hits.items()})
+        out.update({f"{n}_{k}": M.percent(v) for k, v in M.itt_hits(s1, s2, sn).items()})
         itt.append(out[f"{n}_itt"])
     if itt:
         out["avg_itt"] = sum(itt) / len(itt)
@@ -157,9 +147,8 @@ def _winoground(scorer: GenerativeScorer, data: WinogroundData, name: str) -> di
     i0, i1 = torch.arange(n) * 2, torch.arange(n) * 2 + 1
     s = {(c, i): scorer.score(data.images, idx, caps, desc=f"{name} c{c} i{i}")
          for c, caps in ((0, data.caption_0), (1, data.caption_1)) for i, idx in ((0, i0), (1, i1))}
-    text = (s[0, 0] > s[1, 0]) & (s[1, 1] > s[0, 1])
-    image = (s[0, 0] > s[0, 1]) & (s[1, 1] > s[1, 0])
-    return {"text": _percent(text), "image": _percent(image), "group": _percent(text & image)}
+    hits = M.winoground_hits(s[0, 0], s[0, 1], s[1, 0], s[1, 1])
+    return {k: M.percent(v) for k, v in hits.items()}
 
 
 #: task type -> scorer of its prepared data (the embedding path's metric names)

@@ -11,7 +11,7 @@ All percentages are in [0, 100].
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -20,12 +20,16 @@ from ..progress import progress as tqdm
 __all__ = [
     "classification_metrics",
     "group_ranks",
+    "itt_hits",
     "pair_scores",
+    "percent",
     "recall_at_k",
     "retrieval_metrics",
+    "sugarcrepe_accuracy",
     "sugarcrepe_correct",
     "sugarcrepe_pp_correct",
     "winoground_correct",
+    "winoground_hits",
 ]
 
 #: similarity tiles hold at most this many fp32 scores (128 MiB), whatever the gallery size
@@ -129,10 +133,15 @@ def sugarcrepe_pp_correct(image: torch.Tensor | None, p1: torch.Tensor, p2: torc
     p12 = pair_scores(p1, p2)
     out = {"tot": (p12 > pair_scores(p1, negative)) & (p12 > pair_scores(p2, negative))}
     if image is not None:
-        i_n = pair_scores(image, negative)
-        out["img_p1_neg"] = pair_scores(image, p1) > i_n
-        out["img_p2_neg"] = pair_scores(image, p2) > i_n
-        out["itt"] = out["img_p1_neg"] & out["img_p2_neg"]
+        out.update(itt_hits(pair_scores(image, p1), pair_scores(image, p2), pair_scores(image, negative)))
+    return out
+
+
+def itt_hits(s1: torch.Tensor, s2: torch.Tensor, sn: torch.Tensor) -> dict[str, torch.Tensor]:
+    """SugarCrepe++ ITT from the image's scores [N] of P1, P2 and N (any scoring) -> BoolTensors [N]
+    ``img_p1_neg`` (s1 > sn), ``img_p2_neg`` (s2 > sn) and ``itt`` (both)."""
+    out = {"img_p1_neg": s1 > sn, "img_p2_neg": s2 > sn}
+    out["itt"] = out["img_p1_neg"] & out["img_p2_neg"]
     return out
 
 
@@ -144,10 +153,32 @@ def winoground_correct(i0: torch.Tensor, i1: torch.Tensor, c0: torch.Tensor,
     image: s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0)
     group: text and image
     """
-    s00, s01, s10, s11 = pair_scores(c0, i0), pair_scores(c0, i1), pair_scores(c1, i0), pair_scores(c1, i1)
+    return winoground_hits(pair_scores(c0, i0), pair_scores(c0, i1), pair_scores(c1, i0), pair_scores(c1, i1))
+
+
+def winoground_hits(s00: torch.Tensor, s01: torch.Tensor, s10: torch.Tensor,
+                    s11: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Winoground's rules on scores [N] ``s_ci`` = s(caption c, image i), whatever produced them (embeddings or
+    the LVLM's likelihood) -> BoolTensors [N] ``text``, ``image``, ``group``."""
     text = (s00 > s10) & (s11 > s01)
     image = (s00 > s01) & (s11 > s10)
     return {"text": text, "image": image, "group": text & image}
+
+
+def percent(hits: torch.Tensor) -> float:
+    """BoolTensor -> accuracy in % (double precision, so the same hits give the same digits on every path)."""
+    return 100.0 * hits.double().mean().item()
+
+
+def sugarcrepe_accuracy(correct: Mapping[str, torch.Tensor], order: Sequence[str] = ()) -> dict[str, float]:
+    """SugarCrepe: per-subset hits [N_subset] -> accuracy in % per subset (the names in ``order`` first) and the
+    ``replace`` / ``swap`` / ``add`` micro-averages over the examples of their subsets, as in the paper."""
+    out = {n: percent(correct[n]) for n in (*order, *correct) if n in correct}
+    for group in ("replace", "swap", "add"):
+        parts = [hits for n, hits in correct.items() if n.startswith(group + "_")]
+        if parts:
+            out[group] = percent(torch.cat(parts))
+    return out
 
 
 def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,

@@ -81,10 +81,6 @@ class Column:
     keys: tuple[str, ...]
 
 
-def _percent_mean(x: torch.Tensor) -> float:
-    return 100.0 * x.double().mean().item()
-
-
 class Task(ABC):
     """Base class. Subclasses set ``Config`` (a dataclass with at least ``name``), ``title``, ``protocol``."""
 
@@ -241,12 +237,7 @@ class SugarCrepeTask(Task):
         for n in names:
             pos, neg = next(text_emb), next(text_emb)
             correct[n] = M.sugarcrepe_correct(images[data.subsets[n]["image"]], pos, neg)
-        out = {n: _percent_mean(correct[n]) for n in SUGARCREPE_SUBSETS + tuple(names) if n in correct}
-        for group in ("replace", "swap", "add"):
-            parts = [correct[n] for n in names if n.startswith(group + "_")]
-            if parts:
-                out[group] = _percent_mean(torch.cat(parts))
-        return out
+        return M.sugarcrepe_accuracy(correct, order=SUGARCREPE_SUBSETS)
 
     @classmethod
     def columns(cls, results: Sequence[Mapping[str, Any]]) -> list[Column]:
@@ -294,7 +285,7 @@ class SugarCrepePPTask(Task):
             p1, p2, neg = next(text_emb), next(text_emb), next(text_emb)
             img = images[data.subsets[n]["image"]] if images is not None else None
             for metric, hits in M.sugarcrepe_pp_correct(img, p1, p2, neg).items():
-                out[f"{n}_{metric}"] = _percent_mean(hits)
+                out[f"{n}_{metric}"] = M.percent(hits)
                 per_metric.setdefault(metric, []).append(out[f"{n}_{metric}"])
         for metric in ("itt", "tot"):
             if metric in per_metric:
@@ -337,7 +328,7 @@ class WinogroundTask(Task):
         n = len(data.caption_0)
         texts = embedder.texts(data.caption_0 + data.caption_1, desc=f"{self.name} captions")
         hits = M.winoground_correct(images[0::2], images[1::2], texts[:n], texts[n:])
-        return {k: _percent_mean(v) for k, v in hits.items()}
+        return {k: M.percent(v) for k, v in hits.items()}
 
     @classmethod
     def columns(cls, results: Sequence[Mapping[str, Any]]) -> list[Column]:
