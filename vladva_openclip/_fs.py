@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import secrets
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-__all__ = ["default_file_mode", "make_temp_dir", "make_temp_file", "save_safetensors"]
+__all__ = ["default_file_mode", "make_temp_dir", "make_temp_file", "save_safetensors", "write_atomically"]
 
 _UMASK_LOCK = threading.Lock()
 
@@ -74,3 +74,19 @@ def save_safetensors(tensors: Mapping, path: str | os.PathLike, metadata: Mappin
 
     save_file(dict(tensors), os.fspath(path), metadata=None if metadata is None else dict(metadata))
     os.chmod(path, default_file_mode())
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], object], prefix: str | None = None,
+                     suffix: str = ".tmp") -> Path:
+    """``write(tmp)`` to a fresh file beside ``path`` (umask permissions), then rename it into place: a reader, or a
+    run that dies meanwhile, sees the old file or the new one, never half of one. ``prefix`` defaults to
+    ``.<name>.``. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_file(path.parent, prefix=f".{path.name}." if prefix is None else prefix, suffix=suffix)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

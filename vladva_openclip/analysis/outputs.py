@@ -11,31 +11,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._fs import make_temp_file, save_safetensors
+from .._fs import save_safetensors, write_atomically
 
 __all__ = ["jsonable", "markdown_table", "save_figure", "write_csv", "write_json", "write_safetensors", "write_text"]
 
 
-def _atomic(path: str | os.PathLike, write, suffix: str = ".tmp") -> Path:
-    """``write(tmp)`` to a fresh file beside ``path``, then rename it into place (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=suffix)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    return _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any]) -> Path:
-    return _atomic(path, lambda tmp: save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp))
+    return write_atomically(path, lambda tmp: save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp))
 
 
 def jsonable(value: Any) -> Any:
@@ -83,7 +69,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 110) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None}),
-                       suffix=".png")
+        return write_atomically(
+            path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", metadata={"Software": None}),
+            suffix=".png")
     finally:
         plt.close(fig)

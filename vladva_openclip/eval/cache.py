@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .._fs import make_temp_file, save_safetensors
+from .._fs import save_safetensors, write_atomically
 
 __all__ = [
     "FULL_HASH_NUMEL",
@@ -131,14 +131,8 @@ class EmbeddingCache:
 
     def put(self, model_key: str, kind: str, data_key: str, emb: torch.Tensor, meta: dict[str, str]) -> None:
         path = self._path(model_key, kind, data_key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # write then rename, so a crash or a concurrent run never leaves a half-written file under the final name;
         # the unique temporary name gets the umask's permissions (mkstemp's 0600 would stay on the cache file)
-        tmp = str(make_temp_file(path.parent, prefix=f".{path.stem}.", suffix=".tmp"))
-        try:
-            save_safetensors({"embeddings": emb.detach().float().contiguous().cpu()}, tmp,
-                             metadata={k: str(v) for k, v in meta.items()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_atomically(path, lambda tmp: save_safetensors({"embeddings": emb.detach().float().contiguous().cpu()},
+                                                            tmp, metadata={k: str(v) for k, v in meta.items()}),
+                         prefix=f".{path.stem}.")

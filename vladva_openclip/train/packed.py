@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .._fs import make_temp_file, save_safetensors
+from .._fs import save_safetensors, write_atomically
 from ..progress import progress as tqdm
 from ._common import CaptionPacker, SkipCounter, TrainInputError, sample_seed, seeded_transform
 
@@ -81,15 +81,7 @@ def write_packed_table(path: str | os.PathLike, images: torch.Tensor, shorts: Se
     tensors = {"texts": texts, "images": images.contiguous()}
     if preprocess is not None:
         meta["preprocess"] = repr(preprocess)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_file(path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        save_safetensors(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda tmp: save_safetensors(tensors, tmp, metadata=meta))
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
