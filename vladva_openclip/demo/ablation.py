@@ -23,6 +23,7 @@ from typing import Any
 
 from .pipeline import (
     DemoConfig,
+    clip_baseline,
     eval_tasks,
     fixed_threads,
     load_variant,
@@ -94,13 +95,9 @@ def _trained_clip(cfg: DemoConfig, data):
     """The demo's CLIP baseline trained on this seed's scenes; yields (model, preprocess, tokenizer)."""
     from . import baseline
 
-    out = Path(cfg.out)
-    config_file = baseline.write_model_config(out / "baseline", baseline.write_clip_tokenizer(out / "baseline" / "tok"))
-    settings = baseline.TrainSettings(batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.clip_lr,
-                                      warmup=cfg.warmup, seed=cfg.seed, log_every=cfg.log_every)
-    with baseline.registered_config(config_file) as name:
-        ckpt = baseline.train_clip_on_tensors(data.images, data.shorts, data.pixels, out / "runs", CLIP_KEY,
-                                              settings, name)
+    with clip_baseline(cfg) as (name, settings):
+        ckpt = baseline.train_clip_on_tensors(data.images, data.shorts, data.pixels, Path(cfg.out) / "runs",
+                                              CLIP_KEY, settings, name)
         yield baseline.load_clip(name, ckpt)
 
 

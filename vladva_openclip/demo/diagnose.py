@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .pipeline import DemoConfig, eval_tasks, fixed_threads, generative_tasks, load_variant, parse_settings
+from .pipeline import DemoConfig, fixed_threads, generative_tasks, load_variant, parse_settings
 from .variants import get_variant
 
 _logger = logging.getLogger(__name__)
@@ -74,10 +74,10 @@ def diagnose(cfg: DemoConfig, runs: Path | None, out_dir: Path,
         worlds = _worlds(cfg, out_dir)
         for label, model, pre, tok, gen in _models(cfg, runs, variants):
             for world, paths in worlds.items():
-                tasks = [t for t in eval_tasks(paths) if t["task"] != "retrieval"]
+                tasks = generative_tasks(paths)  # the pair tasks, scored both ways
                 for scoring, parts in (("embedding", (model, pre, tok)), ("generative", gen)):
-                    res = evaluate(*parts, tasks if scoring == "embedding" else generative_tasks(paths),
-                                   device="cpu", batch_size=cfg.eval_batch_size, progress=False, scoring=scoring)
+                    res = evaluate(*parts, tasks, device="cpu", batch_size=cfg.eval_batch_size, progress=False,
+                                   scoring=scoring)
                     rows.append({"model": label, "world": world, "scoring": scoring,
                                  **{f"{t} {m}": res[t]["metrics"].get(m) for t, m in METRICS}})
                     _logger.info("%s / %s / %s: %s", label, world, scoring, rows[-1])

@@ -181,14 +181,15 @@ def prepare_demo_data(cfg: DemoConfig) -> DemoData:
     _, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME)
     tok = open_clip.get_tokenizer(MODEL_NAME)
     data_dir = Path(cfg.out) / "data"
+    packer = CaptionPacker(tok, cfg.max_short_len, cfg.max_long_len)
     tables = {
-        "vladva": write_packed_table(data_dir / "train.safetensors", images, shorts, longs,
-                                     CaptionPacker(tok, cfg.max_short_len, cfg.max_long_len), preprocess=preprocess),
+        "vladva": write_packed_table(data_dir / "train.safetensors", images, shorts, longs, packer,
+                                     preprocess=preprocess),
         "text_pairs": write_packed_table(data_dir / "train_text_pairs.safetensors", images, *zip(*pairs),
                                          CaptionPacker(tok, cfg.max_short_len, cfg.max_long_len, pair_text=True),
                                          preprocess=preprocess),
     }
-    packed = PackedTableDataset(tables["vladva"], preprocess, CaptionPacker(tok, cfg.max_short_len, cfg.max_long_len))
+    packed = PackedTableDataset(tables["vladva"], preprocess, packer)
     return DemoData(paths=paths, images=images, shorts=shorts, tables=tables, pixels=packed.pixels,
                     texts=packed.texts)
 
@@ -326,6 +327,18 @@ def run_demo(cfg: DemoConfig, announce: Callable[[str], None] | None = None) -> 
         return _run_demo(cfg, announce or _logger.info)
 
 
+@contextlib.contextmanager
+def clip_baseline(cfg: DemoConfig) -> Iterator[tuple[str, Any]]:
+    """The demo's CLIP from scratch (config and word pieces under ``cfg.out/baseline``), registered with open_clip
+    for the block: yields (its model name, its :class:`~.baseline.TrainSettings` for ``cfg``'s budget)."""
+    out = Path(cfg.out) / "baseline"
+    config_file = baseline.write_model_config(out, baseline.write_clip_tokenizer(out / "tokenizer"))
+    settings = baseline.TrainSettings(batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.clip_lr,
+                                      warmup=cfg.warmup, seed=cfg.seed, log_every=cfg.log_every)
+    with baseline.registered_config(config_file) as name:
+        yield name, settings
+
+
 def _side_stages(cfg: DemoConfig, data: DemoData, rows: _Rows, stages: _Stages) -> None:
     """The baselines: the E5-V-style fine-tune and the CLIP from scratch, each trained and evaluated."""
     logs = Path(cfg.out) / "runs"
@@ -336,12 +349,7 @@ def _side_stages(cfg: DemoConfig, data: DemoData, rows: _Rows, stages: _Stages) 
         stages.run("e5v_eval", "evaluation of the E5-V-style model",
                    lambda: rows.evaluate(e5v.label, *load_variant(e5v, cfg, ckpt), steps=cfg.steps))
     if cfg.baseline:
-        out = Path(cfg.out)
-        tok_dir = baseline.write_clip_tokenizer(out / "baseline" / "tokenizer")
-        config_file = baseline.write_model_config(out / "baseline", tok_dir)
-        settings = baseline.TrainSettings(batch_size=cfg.batch_size, epochs=cfg.epochs, lr=cfg.clip_lr,
-                                          warmup=cfg.warmup, seed=cfg.seed, log_every=cfg.log_every)
-        with baseline.registered_config(config_file) as clip_name:
+        with clip_baseline(cfg) as (clip_name, settings):
             clip_ckpt = stages.run(
                 "clip_train", f"CLIP baseline from scratch (open_clip_train): {cfg.steps} steps x {cfg.batch_size}",
                 lambda: baseline.train_clip_on_tensors(data.images, data.shorts, data.pixels, logs,
@@ -396,8 +404,7 @@ class _ThreadsWhenDone:
         self.done = False  # True when the wider count was kept
 
     def __call__(self) -> None:
-        now = self.clock()
-        step, self.last = (None if self.last is None else now - self.last), now
+        step = None if self.last is None else self.clock() - self.last
         if self.phase == "wait":
             if not self.process.is_alive():
                 self.phase = "before"
