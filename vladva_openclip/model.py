@@ -403,6 +403,13 @@ class VladVA(nn.Module):
                 groups["lora"].append((name, p))
         return groups
 
+    def unused_trainables(self) -> list[str]:
+        """Trainable parameters the current mode leaves out of the loss (``text_pairs``: the image soft prompt).
+        DDP must be told (``find_unused_parameters``), or it waits for their gradients forever."""
+        if not self.text_pairs:
+            return []
+        return [f"image_prompt.{n}" for n, p in self.image_prompt.named_parameters() if p.requires_grad]
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what trains (LoRA, soft prompts, logit_scale), detached, keyed like ``state_dict``."""
         return {n: p.detach() for group in self.trainable_groups().values() for n, p in group}
