@@ -105,7 +105,7 @@ def test_logged_losses_are_the_true_step_values_under_accumulation(tmp_path, mon
     from vladva_openclip.train.main import main
 
     logged = {}
-    for accum in (1, 2, 4):
+    for accum in (1, 4):
         seen = _fake_loggers(monkeypatch)
         name = f"accum{accum}"
         args = COMMON + ["--batch-size", str(8 // accum), "--accum-freq", str(accum), "--logs", str(tmp_path),
@@ -117,7 +117,7 @@ def test_logged_losses_are_the_true_step_values_under_accumulation(tmp_path, mon
         assert tb and tb == wb  # both receive the same values
         assert {n for n, _ in tb} == {"train/contrastive_loss", "train/ar_loss", "train/loss"}
         logged[accum] = tb
-    for accum in (2, 4):
+    for accum in (4,):
         assert logged[accum].keys() == logged[1].keys()
         for key, ref in logged[1].items():
             # same global batch, same weights to fp32 rounding: the same losses (they were 1/N of them)

@@ -59,6 +59,9 @@ class VladVA(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
+        # The image + AR pass runs rows sorted by caption length in up to this many groups, each padded only to
+        # its own longest caption (same results as one padded batch; 1 = one batch padded to the batch maximum).
+        self.ar_length_groups = 4
         # When set (by the trainer), state_dict()/load_state_dict() cover only what trains, so checkpoints are
         # adapter-sized and resume still loads strictly.
         self.trainable_state_only = False
@@ -303,7 +306,6 @@ class VladVA(nn.Module):
         """
         image = self._check_image(image)
         long_caption = self._check_text(long_caption)
-        emb = self.embedding
         img_embeds, img_ids = self._image_sequence(image)
         t_img = img_ids.shape[1]
         lengths = caption_lengths(long_caption, self.pad_token_id)
@@ -316,7 +318,25 @@ class VladVA(nn.Module):
             hidden = self._run_llm(img_embeds, mask, img_ids, image=True)
             feats = last_token_pool(hidden, mask, normalize=True).float()
             return feats, torch.zeros_like(feats[:, 0]), counts.float()
-        cap = long_caption[:, : int(lengths.max())]
+        groups = length_groups(lengths.tolist(), t_img + 1, self.ar_length_groups)
+        if len(groups) == 1:
+            return (*self._ar_pass(img_embeds, img_ids, long_caption, lengths, complete), counts.float())
+        order = torch.tensor([i for g in groups for i in g], device=lengths.device)
+        parts = [self._ar_pass(img_embeds[idx], img_ids[idx], long_caption[idx], lengths[idx], complete[idx])
+                 for idx in (torch.tensor(g, device=lengths.device) for g in groups)]
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        feats = torch.cat([p[0] for p in parts])[inverse]
+        nll_sum = torch.cat([p[1] for p in parts])[inverse]
+        return feats, nll_sum, counts.float()
+
+    def _ar_pass(self, img_embeds: torch.Tensor, img_ids: torch.Tensor, long_caption: torch.Tensor,
+                 lengths: torch.Tensor, complete: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One causal pass over ``[image part | long caption | EOS]`` for rows padded to their longest caption ->
+        (normalised image features ``[b, D]`` fp32, per-sample NLL sums ``[b]`` fp32)."""
+        emb = self.embedding
+        t_img = img_ids.shape[1]
+        cap = long_caption[:, : max(int(lengths.max()), 1)]
         eos = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=cap.device)
         # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
         embeds, mask = assemble(img_embeds, emb(cap), lengths, emb(eos))
@@ -329,7 +349,7 @@ class VladVA(nn.Module):
         nll = token_nll(pred[tmask], self.backbone.lm_head(self.lvlm).weight, targets[tmask], chunk=self._ar_chunk)
         sample = torch.arange(cap.shape[0], device=cap.device).unsqueeze(1).expand_as(tmask)[tmask]
         nll_sum = torch.zeros(cap.shape[0], device=nll.device, dtype=torch.float32).index_add(0, sample, nll)
-        return feats, nll_sum, counts.float()
+        return feats, nll_sum
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, Any]:
         """open_clip's training/eval forward.
@@ -470,6 +490,45 @@ class VladVA(nn.Module):
         out = self.lvlm.generate(**kwargs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **generate_kwargs)
         return [tok.decode(row[width:]) for row in out]
+
+
+def length_groups(lengths: list[int], fixed: int, max_groups: int, min_saving: float = 0.05) -> list[list[int]]:
+    """Rows grouped by caption length so that padding each group to its own longest caption costs the fewest
+    tokens: ``sum(len(g) * (fixed + max length in g))`` over at most ``max_groups`` groups of the rows sorted by
+    length (exact dynamic programme). One group (the rows in their order) unless splitting saves at least
+    ``min_saving`` of the tokens: every extra group is one more, smaller, language-model call.
+
+    Args:
+        lengths: caption tokens per row.
+        fixed: tokens every row has besides its caption (image part, EOS).
+        max_groups: the most groups.
+    """
+    n = len(lengths)
+    single = [list(range(n))]
+    if n < 2 or max_groups < 2:
+        return single
+    order = sorted(range(n), key=lambda i: -lengths[i])  # longest first: a group's maximum is its first row
+    srt = [lengths[i] for i in order]
+    inf = float("inf")
+    # best[k][j]: fewest tokens for the first j sorted rows in k groups; cut[k][j]: where the last group starts
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for k in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[k - 1][i] + (j - i) * (fixed + srt[i])
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, max_groups + 1), key=lambda g: (best[g][n], g))
+    if best[k][n] > (1 - min_saving) * n * (fixed + srt[0]):
+        return single
+    groups, j = [], n
+    while k:
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j, k = i, k - 1
+    return [g for g in reversed(groups) if g]
 
 
 def _trainable_names(model: "VladVA") -> set[str]:

@@ -16,15 +16,17 @@ def main() -> int:
     common = sys.argv[sys.argv.index("--") + 1:]
     from vladva_openclip.train.main import main as train
 
+    # open_clip_train initialises the process group in every run; the runs of this process share one group
+    # (a destroyed gloo group cannot be re-created on torchrun's store).
+    init = dist.init_process_group
+    dist.init_process_group = lambda *a, **kw: None if dist.is_initialized() else init(*a, **kw)
     for mode in modes:
         name, _, flags = mode.partition(":")
         rc = train(common + ["--logs", logs, "--name", name] + flags.split())
         if rc not in (None, 0):
             return int(rc)
-        # open_clip_train initialises the process group in every run and never destroys it
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

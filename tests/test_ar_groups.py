@@ -1,0 +1,62 @@
+"""The image + AR pass by caption-length groups: the same features, NLL sums and gradients as one batch padded to
+its longest caption, with fewer tokens through the language model."""
+import pytest
+import torch
+from conftest import perturb_trainables
+
+from vladva_openclip.model import length_groups
+
+
+def _tokens(lengths, groups, fixed):
+    return sum(len(g) * (fixed + max(lengths[i] for i in g)) for g in groups)
+
+
+def test_length_groups_are_optimal_partitions_of_the_sorted_rows():
+    import itertools
+
+    lengths = [40, 3, 17, 0, 38, 9, 22, 5]
+    fixed = 20
+    groups = length_groups(lengths, fixed, max_groups=3)
+    assert sorted(i for g in groups for i in g) == list(range(8)) and len(groups) <= 3
+    # brute force over every split of the length-sorted rows into at most 3 contiguous groups
+    order = sorted(range(8), key=lambda i: -lengths[i])
+    best = min(_tokens(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, 8))], fixed)
+               for k in range(0, 3) for cuts in itertools.combinations(range(1, 8), k))
+    assert _tokens(lengths, groups, fixed) == best < 8 * (fixed + 40)
+    assert length_groups(lengths, fixed, max_groups=1) == [list(range(8))]
+    assert length_groups([10, 10, 9, 10], fixed, max_groups=4) == [[0, 1, 2, 3]]  # saving < 5 %: one call
+
+
+@pytest.mark.parametrize("name", ["vladva-tiny-llava", "vladva-tiny-qwen2vl"])
+def test_grouped_pass_equals_one_padded_batch(name):
+    import open_clip
+
+    model = open_clip.create_model(name)
+    perturb_trainables(model)
+    model.train()
+    tok = open_clip.get_tokenizer(name)
+    words = [2, 30, 0, 25, 4, 12]  # very different long-caption lengths, one row without a long caption
+    long = tok.long_captions([" ".join(["red square near a blue circle"] * n)[: 6 * n] for n in words],
+                             context_length=64)
+    s = model.cfg.image_size
+    images = torch.randn(len(words), 3, s, s, generator=torch.Generator().manual_seed(0))
+
+    def run(groups):
+        model.zero_grad(set_to_none=True)
+        model.ar_length_groups = groups
+        feats, nll, ntok = model.image_features_and_ar(images, long)
+        (feats.square().sum() * 0.3 + nll.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return feats.detach(), nll.detach(), ntok, grads
+
+    ref, got = run(1), run(4)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[2], ref[2])
+    assert set(got[3]) == set(ref[3]) and len(ref[3]) > 5
+    for n in ref[3]:
+        err = float((got[3][n] - ref[3][n]).abs().max() / (ref[3][n].abs().max() + 1e-12))
+        assert err < 1e-4, (n, err)
+    lengths = (long != model.pad_token_id).sum(1).tolist()
+    t_img = len(model.image_input_ids())
+    assert len(length_groups(lengths, t_img + 1, 4)) > 1  # the test really took the grouped path
