@@ -258,3 +258,57 @@ def test_multi_source_webdataset_counts_each_folder_or_names_what_to_pass(tmp_pa
         count_samples(urls + [str(tmp_path / "c" / "0.tar")], "--train-num-samples")
     with pytest.raises(TrainInputError, match=r"no count for 1 shard\(s\) \(2.tar\)"):
         count_samples([f"{a}/2.tar"], "--train-num-samples")
+
+
+def test_accumulation_gradient_pass_reuses_the_vision_tower_output():
+    """--accum-freq 2 through open_clip_train's own loop: the vision tower runs once per micro-batch (in the caching
+    pass) instead of twice, and the gradients are those of recomputing it."""
+    import open_clip
+    from conftest import perturb_trainables
+    from open_clip_train.train import train_one_epoch
+    from test_train import _fixed_batch
+
+    from vladva_openclip.loss import VladVALoss
+
+    model = open_clip.create_model("vladva-tiny-llava")
+    perturb_trainables(model)
+    tok = open_clip.get_tokenizer("vladva-tiny-llava")
+    images, texts = _fixed_batch(model, tok, n=8)
+    calls = {"n": 0}
+    real = model.backbone.image_features
+
+    def counted(lvlm, pixels):
+        calls["n"] += 1
+        return real(lvlm, pixels)
+
+    model.backbone.image_features = counted
+
+    class Loader(list):
+        num_samples = 8
+
+    def run(reuse):
+        model.reuse_vision_features = reuse
+        calls["n"] = 0
+        captured = {}
+
+        class Recorder(torch.optim.SGD):
+            def step(self, closure=None):
+                captured.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        loader = Loader([(images[i:i + 4], texts[i:i + 4]) for i in (0, 4)])
+        loader.num_batches = 2
+        data = {"train": types.SimpleNamespace(dataloader=loader, set_epoch=lambda e: None)}
+        args = types.SimpleNamespace(device="cpu", precision="fp32", accum_freq=2, distill=False,
+                                     skip_scheduler=True, grad_clip_norm=None, log_every_n_steps=100, rank=0,
+                                     local_rank=0, world_size=1, batch_size=4, wandb=False, save_logs=False,
+                                     horovod=False, distributed=False)
+        opt = Recorder([p for p in model.parameters() if p.requires_grad], lr=0.0)
+        train_one_epoch(model, data, VladVALoss(accum_freq=2), 0, opt, None, None, None, args)
+        return captured, calls["n"]
+
+    (ref, ref_calls), (got, got_calls) = run(False), run(True)
+    assert (ref_calls, got_calls) == (4, 2)
+    assert not model._vision_cache  # every kept output was used and released
+    assert set(got) == set(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-6, atol=1e-8)

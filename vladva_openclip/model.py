@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -62,6 +63,11 @@ class VladVA(nn.Module):
         # The image + AR pass runs rows sorted by caption length in up to this many groups, each padded only to
         # its own longest caption (same results as one padded batch; 1 = one batch padded to the batch maximum).
         self.ar_length_groups = 4
+        # open_clip's accumulation runs every micro-batch twice (features without gradient, then the gradient
+        # pass) on the same image tensor: the frozen vision tower's output of the first pass is kept for the second
+        # when this is on (the trainer turns it on for --accum-freq > 1).
+        self.reuse_vision_features = False
+        self._vision_cache: list[tuple[weakref.ref, int, torch.Tensor]] = []  # (input, its version, output)
         # When set (by the trainer), state_dict()/load_state_dict() cover only what trains, so checkpoints are
         # adapter-sized and resume still loads strictly.
         self.trainable_state_only = False
@@ -195,11 +201,31 @@ class VladVA(nn.Module):
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
         return out.last_hidden_state
 
-    def _image_sequence(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B,3,H,W]`` -> (embeds ``[B, T_img, H]``, ids ``[B, T_img]``); every row has the same length."""
+    def _vision_features(self, image: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+        """The frozen vision tower + projector on ``image`` -> ``[B, N, H]``, reused from the accumulation's
+        no-gradient pass over the same input tensor ``source`` (identity, not value) when
+        ``reuse_vision_features`` is on. Frozen and deterministic, so the reused output is the one the gradient
+        pass would compute."""
+        if not (self.reuse_vision_features and self.training and source is not None):
+            return self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
+        self._vision_cache = [e for e in self._vision_cache if e[0]() is not None]  # inputs still alive only
+        if torch.is_grad_enabled():
+            for i, (ref, version, feats) in enumerate(self._vision_cache):
+                if ref() is source and source._version == version:  # the same tensor, not written to since
+                    del self._vision_cache[i]
+                    return feats
+            return self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
+        feats = self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
+        self._vision_cache.append((weakref.ref(source), source._version, feats))
+        return feats
+
+    def _image_sequence(self, image: torch.Tensor,
+                        source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B,3,H,W]`` -> (embeds ``[B, T_img, H]``, ids ``[B, T_img]``); every row has the same length.
+        ``source``: the caller's tensor before dtype/device conversion (the key of the vision-feature reuse)."""
         emb = self.embedding
         b = image.shape[0]
-        feats = self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
+        feats = self._vision_features(image, source)
         body_ids = self.image_body_ids.unsqueeze(0).expand(b, -1)
         body = emb(body_ids)
         slots = body_ids == self.backbone.image_token_id(self.lvlm.config)
@@ -304,9 +330,10 @@ class VladVA(nn.Module):
         Returns:
             (normalised image features ``[B, D]`` fp32, per-sample NLL sums ``[B]`` fp32, token counts ``[B]``).
         """
+        source = image
         image = self._check_image(image)
         long_caption = self._check_text(long_caption)
-        img_embeds, img_ids = self._image_sequence(image)
+        img_embeds, img_ids = self._image_sequence(image, source)
         t_img = img_ids.shape[1]
         lengths = caption_lengths(long_caption, self.pad_token_id)
         # A row filled to the last column holds a caption cut by the tokenizer: no EOS target (never learn to stop

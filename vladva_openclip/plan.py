@@ -335,8 +335,10 @@ def plan_model(model: nn.Module, request: PlanRequest, gpu_memory: int | None = 
         if request.accum_freq > 1:
             n = request.accum_freq * batch
             size = model.cfg.image_size
-            # cached image and text features (fp32, [n, D] each), the images (fp32) and packed captions (int64)
-            cache = n * (2 * hidden * 4 + 3 * size * size * 4 + 2 * long_len * 8)
+            # cached image and text features (fp32, [n, D] each), the images (fp32), packed captions (int64) and
+            # the vision tower's output kept for the gradient pass ([n, image tokens, D], base dtype)
+            cache = n * (2 * hidden * 4 + 3 * size * size * 4 + 2 * long_len * 8
+                         + len(model.image_body_id_list) * hidden * esize)
         return {"img": img_saved, "txt": txt_saved, "ar": ar_saved, "back": max(img_back, txt_back),
                 "logits": logits_peak, "cache": cache}
 

@@ -285,6 +285,8 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
             state.model.trainable_state_only = True  # checkpoints hold only what trains
             # --ar-weight 0: the long-caption pass would cost a forward over every long caption for nothing
             state.model.compute_ar = bool(vargs.ar_weight) and not vargs.text_pairs
+            # --accum-freq: the gradient pass reuses the caching pass's vision-tower output (same input tensor)
+            state.model.reuse_vision_features = int(getattr(state.args, "accum_freq", 1) or 1) > 1
             state.model.text_pairs = bool(vargs.text_pairs)
             for flag in ("max_short_len", "max_long_len"):  # the model's own defaults (real models: the paper's)
                 if getattr(state.args, flag, None) is None:
