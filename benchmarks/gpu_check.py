@@ -674,8 +674,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     plan = (stages.get("plan_memory") or {}).get("result") or {}
     if plan.get("cases"):
         out += ["", "#### Planned against measured memory per GPU (`vladva plan`)", "",
-                "| model | LLM layers | batch | long caption | checkpointing | planned GiB | measured GiB | "
-                "planned / measured |", "|---|---|---|---|---|---|---|---|"]
+                ("| model | LLM layers | batch | long caption | checkpointing | planned GiB | measured GiB | "
+                 "planned / measured |"), "|---|---|---|---|---|---|---|---|"]
         for r in plan["cases"]:
             if r.get("status") != "ok":
                 out.append(f"| {r.get('label') or r.get('name')} | | {_fmt(r.get('batch'))} | | | "

@@ -21,7 +21,7 @@ def test_length_groups_are_optimal_partitions_of_the_sorted_rows():
     # brute force over every split of the length-sorted rows into at most 3 contiguous groups
     order = sorted(range(8), key=lambda i: -lengths[i])
     best = min(_tokens(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, 8))], fixed)
-               for k in range(0, 3) for cuts in itertools.combinations(range(1, 8), k))
+               for k in range(3) for cuts in itertools.combinations(range(1, 8), k))
     assert _tokens(lengths, groups, fixed) == best < 8 * (fixed + 40)
     assert length_groups(lengths, fixed, max_groups=1) == [list(range(8))]
     assert length_groups([10, 10, 9, 10], fixed, max_groups=4) == [[0, 1, 2, 3]]  # saving < 5 %: one call

@@ -3,6 +3,7 @@ torchrun + gloo), true logged losses under --accum-freq (TensorBoard and W&B ali
 the --local-loss refusal, precision defaults, the safe --resume path and multi-source webdataset sizes."""
 import json
 import os
+import pickle
 import re
 import socket
 import subprocess
@@ -190,7 +191,7 @@ def test_resume_never_unpickles_code_even_when_torch_is_told_to(tmp_path, monkey
     bad = tmp_path / "evil.pt"
     torch.save({"epoch": 1, "state_dict": {}, "x": Payload()}, bad)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         safe_pt_load(str(bad))
     assert not marker.exists()
     rc = main(COMMON + ["--batch-size", "8", "--logs", str(tmp_path / "logs"), "--name", "r", "--resume", str(bad)])

@@ -113,19 +113,21 @@ class MemoryPlan:
         return asdict(self)
 
     def render(self) -> str:
-        g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+        def g(b: int) -> str:
+            return f"{b / GiB:8.2f} GiB"
+
         lines = [
-            f"plan for {self.model}: per-GPU batch {self.batch_size}, image+AR pass {self.image_seq} tokens, "
-            f"text pass {self.text_seq} tokens",
-            f"  parameters          {self.base_params / 1e9:8.3f} B base, {self.trainable_params / 1e6:.2f} M "
-            f"trainable",
+            (f"plan for {self.model}: per-GPU batch {self.batch_size}, image+AR pass {self.image_seq} tokens, "
+             f"text pass {self.text_seq} tokens"),
+            (f"  parameters          {self.base_params / 1e9:8.3f} B base, {self.trainable_params / 1e6:.2f} M "
+             "trainable"),
             f"  weights             {g(self.weights_bytes)}",
-            f"  gradients           {g(self.grads_bytes + self.ddp_buckets_bytes)}"
-            + (f"  (DDP buckets {g(self.ddp_buckets_bytes).strip()})" if self.ddp_buckets_bytes else ""),
+            (f"  gradients           {g(self.grads_bytes + self.ddp_buckets_bytes)}"
+             + (f"  (DDP buckets {g(self.ddp_buckets_bytes).strip()})" if self.ddp_buckets_bytes else "")),
             f"  optimizer state     {g(self.optimizer_bytes)}",
-            f"  activations/pass    {g(self.saved_image_pass_bytes + self.saved_text_pass_bytes + self.ar_saved_bytes)}"
-            f"  (image+AR {g(self.saved_image_pass_bytes).strip()}, text {g(self.saved_text_pass_bytes).strip()},"
-            f" AR grad {g(self.ar_saved_bytes).strip()})",
+            (f"  activations/pass    {g(self.saved_image_pass_bytes + self.saved_text_pass_bytes + self.ar_saved_bytes)}"
+             f"  (image+AR {g(self.saved_image_pass_bytes).strip()}, text {g(self.saved_text_pass_bytes).strip()},"
+             f" AR grad {g(self.ar_saved_bytes).strip()})"),
             f"  backward transient  {g(self.backward_peak_bytes)}",
             f"  AR logits peak      {g(self.ar_logits_peak_bytes)}",
         ]
@@ -213,7 +215,7 @@ class SavedTensorCounter:
         self._current = -1
 
     @contextlib.contextmanager
-    def active(self) -> Iterator["SavedTensorCounter"]:
+    def active(self) -> Iterator[SavedTensorCounter]:
         for i, layer in enumerate(self.layers):
             self._handles.append(layer.register_forward_pre_hook(self._enter(i)))
             self._handles.append(layer.register_forward_hook(self._leave))

@@ -48,8 +48,8 @@ def measure(spec: M.ModelSpec, batch: int, short_len: int, long_len: int, checkp
     precision = PRECISION[device]
     row: dict[str, Any] = {"label": spec.label, "layers": spec.layers, "batch": batch, "long_len": long_len,
                            "grad_checkpointing": checkpointing, "precision": precision}
-    plan = planned(spec, dict(batch_size=batch, max_short_len=short_len, max_long_len=long_len,
-                              grad_checkpointing=checkpointing), precision)
+    plan = planned(spec, {"batch_size": batch, "max_short_len": short_len, "max_long_len": long_len,
+                          "grad_checkpointing": checkpointing}, precision)
     row["planned_gib"] = round(plan.total_bytes / GiB, 3)
     row["planned_saved_gib"] = round((plan.saved_image_pass_bytes + plan.saved_text_pass_bytes
                                       + plan.ar_saved_bytes) / GiB, 4)
@@ -99,7 +99,7 @@ def main() -> None:
             res.append("cases", {"label": spec.label, "batch": batch, "status": "skipped: out of time"})
             continue
         row = C.guarded(res, "cases", f"{spec.label} batch {batch} ckpt {ckpt}",
-                        lambda: measure(spec, batch, short_len, long_len, ckpt, device))
+                        lambda case=(spec, batch, short_len, long_len, ckpt): measure(*case, device))
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()

@@ -28,8 +28,16 @@ import torch
 from open_clip_train.data import SharedEpoch, expand_urls, tarfile_to_samples_nothrow
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ._common import (IMAGE_ERRORS, CaptionPacker, SkipCounter, TrainInputError, clean_caption, load_rgb, sample_seed,
-                      seeded_transform)
+from ._common import (
+    IMAGE_ERRORS,
+    CaptionPacker,
+    SkipCounter,
+    TrainInputError,
+    clean_caption,
+    load_rgb,
+    sample_seed,
+    seeded_transform,
+)
 
 _logger = logging.getLogger(__name__)
 

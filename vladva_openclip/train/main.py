@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from .. import install
+from ..loss import LOCAL_LOSS_ALONE
 from ..progress import progress as tqdm
 from ..registry import is_vladva_name
 from ._common import TrainInputError
 from .args import model_kwargs, split_args
-from ..loss import LOCAL_LOSS_ALONE
 from .checkpoints import (
     HEALTH_KEY,
     atomic_save,

@@ -60,7 +60,7 @@ def log_plan(model: torch.nn.Module, args: argparse.Namespace, vargs: argparse.N
         meta = build_meta_model(request)
         memory = device_memory(getattr(args, "device", None))
         result = plan_model(meta, request, memory)
-    except Exception as err:  # planning is advice: it must never stop a run
+    except Exception as err:  # noqa: BLE001 - planning is advice: it must never stop a run
         _logger.warning("could not plan the memory of this run (%s: %s)", type(err).__name__, err)
         return
     _logger.info("planned memory per GPU: %.2f GiB (weights %.2f, optimizer+grads %.2f, activations %.2f); "
