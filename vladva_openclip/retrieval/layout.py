@@ -229,7 +229,6 @@ class EmbeddingFolder:
             raise FileNotFoundError(f"{self.root} holds no {folder}/{prefix}*.npy files: is it the output folder of "
                                     f"`vladva embed` (or clip-retrieval inference) with {kind} embeddings?")
         self.shards = [s for _, s in sorted(found, key=lambda t: t[0])]
-        self._check_finished()
         self.counts, dims = [], set()
         for s in self.shards:
             shape = self._shape(s.embeddings)
@@ -243,6 +242,7 @@ class EmbeddingFolder:
             raise EmbeddingFolderError(f"{self.root}: the {folder} shards have different dimensions: {shown}; they "
                                        "come from different models. Re-embed into an empty folder with one model")
         self.dim = dims.pop()
+        self._check_finished()
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._metadata: dict[int, pd.DataFrame] = {}
 

@@ -38,9 +38,9 @@ class Searcher:
     """Top-k search over the ``kind`` embeddings of an index folder or an embedding folder.
 
     An index is used only over the exact vectors it was built from: the embedding folder is looked for where the
-    index recorded it relative to itself (index and embeddings moved together), then at its absolute path, and every
-    shard file and the manifest's model must match what the index recorded; otherwise a ValueError says what
-    changed and how to rebuild.
+    index recorded it relative to itself (index and embeddings moved together), then at its absolute path (the
+    index moved alone); the first of these that exists must hold every shard file and the manifest's model the index
+    recorded, otherwise a ValueError says what changed and how to rebuild.
     """
 
     def __init__(self, path: str | os.PathLike, kind: str = "image", *, impl: str = "auto"):
@@ -99,16 +99,14 @@ class Searcher:
             raise ValueError(f"the embeddings {meta_file} was built from are gone (looked in "
                              f"{', '.join(map(str, candidates))}); move the embedding folder back beside the index "
                              f"as it was, or rebuild: vladva index EMBEDDINGS -o {self.path} --kind {kind}")
-        problems = []
-        for root in existing:
-            problem = _differences(root, emb, kind)
-            if problem is None:
-                return EmbeddingFolder(root, kind)
-            problems.append(f"{root}: {problem}")
+        # the first place that holds a folder decides: an index beside an embedding folder (as it was built, or
+        # moved together) never falls back to another copy elsewhere
         root = existing[0]
-        raise ValueError(f"{meta_file} was built from other vectors than those now in "
-                         f"{'; '.join(problems)}; rebuild the index: "
-                         f"{rebuild_command(root, self.path, kind, self.meta.get('index_type'))}")
+        problem = _differences(root, emb, kind)
+        if problem is None:
+            return EmbeddingFolder(root, kind)
+        raise ValueError(f"{meta_file} was built from other vectors than those now in {root}: {problem}; rebuild "
+                         f"the index: {rebuild_command(root, self.path, kind, self.meta.get('index_type'))}")
 
     @property
     def manifest(self) -> dict[str, Any] | None:
