@@ -348,7 +348,7 @@ def test_non_finite_vectors_are_refused_at_index_time(indexed, tmp_path, capsys)
 
 def test_embedding_skips_and_counts_non_finite_rows(built, tmp_path):
     image_folder(tmp_path / "imgs", 4)
-    model, preprocess, tokenizer = built
+    model = built[0]
     original = model.encode_image
 
     def poisoned(pixels, normalize=False):
@@ -416,7 +416,7 @@ def test_webdataset_shards_are_stored_absolute_and_found_from_anywhere(built, tm
     meta = pd.read_parquet(tmp_path / "emb" / "metadata" / "metadata_0.parquet")
     assert meta["shard"].tolist() == [str(tmp_path / "data" / "000.tar")]
     manifest = json.loads((tmp_path / "emb" / "manifest.json").read_text())
-    assert manifest["image_roots"] == [str(tmp_path / "data" / "000.tar")]
+    assert manifest["image_roots"] == [str(tmp_path / "data")]
     monkeypatch.chdir(tmp_path)
     results = run_search(tmp_path / "emb", [Query("text", "red")], k=1, built=built)
     assert render_html(results).count('src="data:image/jpeg;base64,') == 1
@@ -430,13 +430,20 @@ def test_other_settings_refusal_lists_only_real_differences(built, tmp_path):
     assert "differences: dtype)" in str(err.value)  # preprocessing (tuples vs JSON lists) is not one
 
 
-def test_tar_of_the_page_must_be_a_recorded_shard(tmp_path):
-    tar = write_tar(tmp_path / "a.tar", [("k", png_bytes(Image.new("RGB", (8, 8), COLOURS["red"])), "x")])
+def test_tar_of_the_page_must_lie_under_the_roots(tmp_path, monkeypatch):
+    tar = write_tar(tmp_path / "data" / "a.tar", [("k", png_bytes(Image.new("RGB", (8, 8), COLOURS["red"])), "x")])
     other = tmp_path / "b.tar"
     shutil.copy(tar, other)
+    assert tarfile.is_tarfile(other)
     hit = {"rank": 1, "score": 0.1, "id": 0, "metadata": {"image_path": "k", "shard": str(other)}}
-    results = {"image_roots": [str(tar)], "queries": [{"type": "text", "query": "q", "results": [hit]}]}
+    results = {"image_roots": [str(tmp_path / "data")], "queries": [{"type": "text", "query": "q",
+                                                                     "results": [hit]}]}
     assert 'src="data:' not in render_html(results)
     hit["metadata"]["shard"] = str(tar)
     assert render_html(results).count('src="data:') == 1
-    assert tarfile.is_tarfile(tar)
+    # a relative shard (older manifests) resolves against the roots, not the working directory
+    monkeypatch.chdir(tmp_path)
+    hit["metadata"]["shard"] = "a.tar"
+    assert render_html(results).count('src="data:') == 1
+    hit["metadata"]["shard"] = "b.tar"  # exists in the working directory only
+    assert 'src="data:' not in render_html(results)

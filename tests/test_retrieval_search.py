@@ -76,7 +76,7 @@ def test_cli_json_uses_the_manifest_model_and_searches_captions(colour_set, tmp_
 
 def test_page_escapes_text_and_reads_webdataset_thumbnails(tmp_path):
     tar = write_tar(tmp_path / "000.tar", [("k1", png_bytes(Image.new("RGB", (8, 8), (255, 0, 0))), "x")])
-    results = {"source": "s", "mode": "m", "model": {"name": "n"}, "image_roots": [str(tar)], "queries": [
+    results = {"source": "s", "mode": "m", "model": {"name": "n"}, "image_roots": [str(tmp_path)], "queries": [
         {"type": "text", "query": "<script>alert(1)</script>", "results": [
             {"rank": 1, "score": 0.5, "id": 0, "metadata": {"image_path": "k1", "caption": "a & b", "shard": str(tar)}},
             {"rank": 2, "score": 0.4, "id": 1, "metadata": {"image_path": "/nowhere/x.png", "caption": None}}]}]}

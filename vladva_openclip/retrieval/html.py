@@ -4,8 +4,9 @@ Thumbnails are embedded as JPEG data URIs, so the page is one self-contained fil
 any folder or machine; webdataset hits are read from their tar by key. Every text is HTML-escaped.
 
 Only images under the input roots the embedding manifest records (``results["image_roots"]``: the image folder,
-the folder a table's images share, or the webdataset tars) are shown; a relative ``image_path`` is resolved against
-those roots, never the working directory, so a metadata row cannot pull any other readable file into the page.
+the folder a table's images share, or the folder of the webdataset tars) are shown; a relative ``image_path`` is
+resolved against those roots, never the working directory, so a metadata row cannot pull any other readable file
+into the page.
 Metadata columns may have any types: they are shown as text.
 """
 from __future__ import annotations
@@ -94,22 +95,22 @@ def thumbnail_uri(source: str | bytes | Image.Image, size: int = THUMBNAIL_SIZE)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _hit_image(meta: Mapping[str, Any], tars: _TarImages, roots: list[str]) -> str | None:
+def _hit_image(meta: Mapping[str, Any], tars_cache: _TarImages, roots: list[str]) -> str | None:
     """The thumbnail of a hit whose image lies under one of ``roots`` (None otherwise, or when unreadable)."""
     path = meta.get("image_path")
     if not isinstance(path, str) or not path or not roots:
         return None
     shard = meta.get("shard")
+    folders = [r for r in roots if os.path.isdir(r)]
     if isinstance(shard, str) and shard:
-        # a webdataset hit: its tar must be one of the recorded shards (a relative one is taken from the roots)
-        tar = next((r for r in roots if os.path.isfile(r) and (os.path.realpath(r) == os.path.realpath(shard)
-                                                               or (not os.path.isabs(shard)
-                                                                   and r.endswith(os.sep + shard)))), None)
+        # a webdataset hit: its tar must lie under a root (a relative one, as older manifests stored it, is taken
+        # from the roots, never the working directory)
+        tars = [shard] if os.path.isabs(shard) else [os.path.join(r, shard) for r in folders]
+        tar = next((t for t in tars if os.path.isfile(t) and any(_within(t, r) for r in folders)), None)
         if tar is None:
             return None
-        data = tars.read(tar, path)
+        data = tars_cache.read(tar, path)
         return thumbnail_uri(data) if data is not None else None
-    folders = [r for r in roots if os.path.isdir(r)]
     candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in folders]
     for candidate in candidates:
         if os.path.isfile(candidate) and any(_within(candidate, r) for r in folders):

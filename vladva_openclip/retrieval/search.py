@@ -7,7 +7,6 @@ another is named.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence

@@ -271,7 +271,9 @@ class WebDatasetSource(Source):
         return _hash(_stat_key(self.urls[k]))
 
     def image_roots(self) -> list[str]:
-        return [u for u in self.urls if "://" not in u and not u.startswith("pipe:")]
+        """The deepest folder holding every local tar (one entry, however many tars)."""
+        folders = {os.path.dirname(u) for u in self.urls if "://" not in u and not u.startswith("pipe:")}
+        return [os.path.commonpath(sorted(folders))] if folders else []
 
     def has_captions(self) -> bool:
         """Whether the first sample of the first shard has a caption (the same answer on every rank)."""
