@@ -133,3 +133,25 @@ def test_template_file_errors_name_the_file_and_entry(data, tmp_path, capsys, na
     tasks += ["--set", "classnames=" + json.dumps(list(imagenet["classnames"]))]
     assert main(_argv(tmp_path / "out", *tasks)) == 2
     _one_error(capsys, templates, *needles)
+
+
+@pytest.mark.parametrize("how, needles", [
+    ("split_list", ("entry images[0]", "field 'split' must be a non-empty string")),
+    ("coco_id_list", ("entry annotations[0]", "field 'image_id' must be an integer or a string")),
+    ("latin1", ("not UTF-8 text",)),
+])
+def test_retrieval_annotation_errors_name_the_file_and_entry(data, tmp_path, capsys, how, needles):
+    _, specs = data
+    ann = tmp_path / "ann.json"
+    doc = json.loads(Path(specs["retrieval"]["data"]).read_text())
+    if how == "split_list":
+        doc["images"][0]["split"] = ["test"]
+        ann.write_text(json.dumps(doc))
+    elif how == "coco_id_list":
+        ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}],
+                                   "annotations": [{"image_id": [1], "caption": "a"}]}))
+    else:
+        ann.write_bytes(b'{"note": "caf\xe9", ' + json.dumps(doc).encode("utf-8")[1:])  # Latin-1, not UTF-8
+    tasks = ("--task", "retrieval", "--data", str(ann), "--images", specs["retrieval"]["images"])
+    assert main(_argv(tmp_path / "out", *tasks)) == 2
+    _one_error(capsys, ann, *needles)
