@@ -108,7 +108,7 @@ def save_adapter(model, path: str | os.PathLike, include_base: bool = False, mod
             save_safetensors(_dedupe_shared(base), str(tmp / BASE_FILE))
         (tmp / META_FILE).write_text(json.dumps(adapter_meta(model), indent=2) + "\n")
         if model_card:
-            from .hub import write_hub_files
+            from .hub_files import write_hub_files
 
             write_hub_files(model, tmp, **card)
         _replace_dir(tmp, path)
