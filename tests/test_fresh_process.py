@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,7 @@ def ok(result: subprocess.CompletedProcess) -> str:
 
 def readme_blocks(fence: str) -> list[str]:
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    return re.findall(rf"^```{fence}\n(.*?)^```", text, flags=re.S | re.M)
+    return re.findall(rf"^```{fence}\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 
 
 def test_repo_root_does_not_shadow_installed_distributions():
@@ -59,7 +60,7 @@ def test_repo_root_does_not_shadow_installed_distributions():
     out = json.loads(ok(run_python(code, cwd=REPO)).strip().splitlines()[-1])
     assert out["ours"] == str(REPO / "kernels" / "vladva_kernels" / "__init__.py")
     if out["installed"]:
-        assert out["origin"] and not out["origin"].startswith(str(REPO)), out
+        assert out["origin"] and not out["origin"].startswith(str(REPO / "kernels")), out
     # the rule behind it: a repo-root folder that is a regular package takes an import name; only ours may
     packages = sorted(p.name for p in REPO.iterdir() if (p / "__init__.py").is_file())
     assert set(packages) <= {"benchmarks", "tests", "vladva_openclip"}, packages
@@ -88,13 +89,11 @@ def test_readme_python_blocks_run_from_the_repo_root(tmp_path):
 
 @pytest.mark.slow
 def test_torch_hub_from_another_folder(tmp_path):
-    """torch.hub on the checkout from an unrelated current folder: list, help, the model, the tuple, the tokenizer."""
+    """torch.hub on the installed checkout (``source="local"``) from an unrelated current folder: the model, the
+    open_clip tuple, the tokenizer."""
     code = textwrap.dedent(f"""
         import torch
         repo = {str(REPO)!r}
-        names = torch.hub.list(repo, source="local")
-        assert "vladva_tiny_llava" in names and "vladva_llava7b" in names and "tokenizer" in names, names
-        assert "return_transforms" in torch.hub.help(repo, "vladva_tiny_llava", source="local")
         model = torch.hub.load(repo, "vladva_tiny_llava", source="local", pretrained="synth_captioner")
         model_t, _, preprocess = torch.hub.load(repo, "vladva_tiny_llava", source="local", return_transforms=True)
         tok = torch.hub.load(repo, "tokenizer", "vladva-tiny-llava", source="local")
@@ -108,53 +107,60 @@ def test_torch_hub_from_another_folder(tmp_path):
     assert out.split()[-6:] == ["VladVA", "VladVA", "(1,", "64)", "(1,", "64)"]
 
 
-def plain_copy(dest: Path) -> Path:
-    """The repo's files without installing anything (what torch.hub's GitHub download gives): git's tracked and
-    untracked-but-not-ignored files, or the package folders when this is not a git checkout."""
+def repo_files() -> list[str]:
+    """The repo's files as a GitHub archive would hold them: git's tracked and untracked-but-not-ignored files (the
+    working tree, so uncommitted edits are tested too), or the package folders when this is not a git checkout."""
     try:
         listed = subprocess.run(["git", "ls-files", "-z", "-c", "-o", "--exclude-standard"], cwd=REPO,
                                 capture_output=True, check=True, timeout=60).stdout.decode().split("\0")
-        files = [f for f in listed if f and (REPO / f).is_file()]
+        return [f for f in listed if f and (REPO / f).is_file()]
     except (OSError, subprocess.CalledProcessError):
-        files = [str(p.relative_to(REPO)) for top in ("vladva_openclip", "kernels") for p in (REPO / top).rglob("*")
-                 if p.is_file() and "__pycache__" not in p.parts] + ["hubconf.py"]
-    for f in files:
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dest / f)
-    return dest
+        return [str(p.relative_to(REPO)) for top in ("vladva_openclip", "kernels") for p in (REPO / top).rglob("*")
+                if p.is_file() and "__pycache__" not in p.parts] + ["hubconf.py"]
 
 
 @pytest.mark.slow
-def test_torch_hub_from_a_plain_copy_that_is_not_installed(tmp_path):
-    """The project made unimportable (the editable install's finders removed), then torch.hub on a plain copy:
-    the package comes from the copy, kernels included, and imports that happen after torch.hub has taken the
-    copy off sys.path still work."""
-    copy = plain_copy(tmp_path / "copy")
+def test_torch_hub_github_source_from_an_archive_with_the_project_not_installed(tmp_path):
+    """``torch.hub.list/help/load("owner/repo:main")`` down torch's real GitHub path (download, unzip, run hubconf.py
+    from the plain copy), with only the download served from a zip of this repo and the project otherwise made
+    unimportable (the editable install's finders removed). The package, kernels included, comes from the copy, and
+    imports that happen after torch.hub has taken the copy off sys.path still work."""
+    archive = tmp_path / "main.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("vladva_openclip-main/", "")  # GitHub's archives hold one top folder, listed first
+        for f in repo_files():
+            zf.write(REPO / f, f"vladva_openclip-main/{f}")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     code = textwrap.dedent(f"""
         import importlib, importlib.util, sys
         # forget the installed project: setuptools' editable finders and any path entry into the checkout
-        sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
-                            and "__editable__" not in type(f).__module__]
+        sys.meta_path[:] = [f for f in sys.meta_path  # (setuptools installs its finder class itself)
+                            if "__editable__" not in getattr(f, "__module__", "") + type(f).__module__]
         sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
-        sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO)!r})]
+        sys.path[:] = [p for p in sys.path if not p.startswith({str(REPO)!r}) or "site-packages" in p]
         sys.path_importer_cache.clear()
         importlib.invalidate_caches()
         assert importlib.util.find_spec("vladva_openclip") is None, "the project is still importable"
-        import torch
-        copy = {str(copy)!r}
-        model = torch.hub.load(copy, "vladva_tiny_llava", source="local", pretrained="synth_captioner")
+        import torch, torch.hub
+        torch.hub._git_archive_link = lambda owner, name, ref: "file://" + {str(archive)!r}  # the only stand-in
+        repo = "owner/vladva_openclip:main"
+        kw = dict(trust_repo=True, skip_validation=True)
+        names = torch.hub.list(repo, **kw)
+        assert "vladva_tiny_llava" in names and "vladva_llava7b" in names and "tokenizer" in names, names
+        assert "return_transforms" in torch.hub.help(repo, "vladva_tiny_llava", **kw)
+        model = torch.hub.load(repo, "vladva_tiny_llava", pretrained="synth_captioner", **kw)
+        copy = torch.hub.get_dir() + "/owner_vladva_openclip_main"
         import vladva_openclip, vladva_openclip.kernels as k
         assert vladva_openclip.__file__.startswith(copy), vladva_openclip.__file__
         assert k.__file__.startswith(copy), k.__file__
         assert copy not in sys.path
         from vladva_openclip.eval import metrics  # a submodule first imported after torch.hub returned
-        tok = torch.hub.load(copy, "tokenizer", "vladva-tiny-llava", source="local")
+        tok = torch.hub.load(repo, "tokenizer", "vladva-tiny-llava", **kw)
         model.eval()
         with torch.no_grad():
             f = model.encode_text(tok(["a blue square"]), normalize=True)
-        print("ok", tuple(f.shape))
+        print("ok", type(model).__name__, tuple(f.shape))
     """)
-    out = ok(run_python(code, cwd=elsewhere))
-    assert out.strip().splitlines()[-1] == "ok (1, 64)"
+    out = ok(run_python(code, cwd=elsewhere, env={"TORCH_HOME": str(tmp_path / "torch_home")}))
+    assert out.strip().splitlines()[-1] == "ok VladVA (1, 64)"
