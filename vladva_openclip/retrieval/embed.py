@@ -62,7 +62,7 @@ class EmbedJobConfig:
     input: an image folder, a .csv/.tsv table or webdataset shards (``input_format`` auto-detects);
     output: the embedding folder; model/pretrained: open_clip names (also recorded in the manifest when a built
     model is passed to :func:`run_embed`); images/texts: which embeddings to write (texts None: when the input has a
-    caption for every row; True: rows without a caption are skipped); shard_size: rows per output shard (files and
+    caption for every row; True: also when some rows have none); shard_size: rows per output shard (files and
     webdataset: one shard per tar); dtype: float16 or float32; precision: as for vladva-eval; device: default
     ``cuda:LOCAL_RANK`` when CUDA is there, else CPU; workers: image-decoding processes per rank. Rows without a
     caption keep their image embedding; their text vector is all zeros.

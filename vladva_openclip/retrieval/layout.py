@@ -329,17 +329,9 @@ class EmbeddingFolder:
             self._metadata[s] = df
         return self._metadata[s]
 
-    def non_finite_rows(self) -> list[tuple[Path, int]]:
-        """``(shard file, row in it)`` of every vector holding NaN or inf (read shard by shard)."""
-        bad = []
-        for s, array in zip(self.shards, self.iter_arrays()):
-            rows = np.flatnonzero(~np.isfinite(np.asarray(array, dtype=np.float32)).all(axis=1))
-            bad += [(s.embeddings, int(r)) for r in rows]
-        return bad
-
     def describe(self, fingerprints: bool = False) -> dict[str, Any]:
         """Root, kind, counts and per shard its name and count; with ``fingerprints`` also each shard file's
-        :func:`file_fingerprint` (embeddings and metadata) by path relative to the root, and the manifest's."""
+        :func:`file_fingerprint` (embeddings and metadata) by path relative to the root."""
         shards = []
         for s, c in zip(self.shards, self.counts):
             entry: dict[str, Any] = {"name": s.name, "count": c}
@@ -347,11 +339,8 @@ class EmbeddingFolder:
                 entry["files"] = {p.relative_to(self.root).as_posix(): file_fingerprint(p)
                                   for p in (s.embeddings, s.metadata)}
             shards.append(entry)
-        out = {"root": os.path.abspath(self.root), "kind": self.kind, "count": len(self), "dim": self.dim,
-               "shards": shards}
-        if fingerprints and (self.root / MANIFEST).is_file():
-            out["manifest_file"] = file_fingerprint(self.root / MANIFEST)
-        return out
+        return {"root": os.path.abspath(self.root), "kind": self.kind, "count": len(self), "dim": self.dim,
+                "shards": shards}
 
 
 def _plain(value: Any) -> Any:
