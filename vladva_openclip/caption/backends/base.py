@@ -1,0 +1,109 @@
+"""The captioner interface and its registry (``--backend NAME``)."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from ..config import CaptionJobConfig, GenerationSettings
+
+__all__ = ["BACKENDS", "BackendUnavailable", "Captioner", "Generation", "build_captioner", "register_backend",
+           "resolve_backend"]
+
+_logger = logging.getLogger(__name__)
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend cannot run here (a package or a device is missing); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated caption: the raw decoded text, the number of generated tokens in the captioner's own
+    tokenizer (EOS not counted) and why generation ended: ``stop`` (end of sequence) or ``length`` (budget)."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str
+
+
+class Captioner(ABC):
+    """A model that captions images with an instruction.
+
+    ``prepare`` runs in the DataLoader workers (image -> whatever ``generate`` consumes; picklable), ``generate``
+    in the main process on a batch of prepared images with one instruction.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def prepare(self, image: Image.Image) -> Any: ...
+
+    @abstractmethod
+    def full_prompt(self, instruction: str) -> str:
+        """The exact prompt string the model reads for ``instruction`` (recorded with every caption)."""
+
+    @abstractmethod
+    def generate(self, inputs: list[Any], instruction: str, settings: GenerationSettings) -> list[Generation]:
+        """Captions of ``inputs`` (prepared images) in order."""
+
+    @abstractmethod
+    def count_tokens(self, text: str) -> int:
+        """Length of ``text`` in the captioner's tokenizer (no special tokens)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Identity of the model (name, weights fingerprint, dtype) for the manifest and the settings hash."""
+
+    @property
+    def model_name(self) -> str:
+        return str(self.describe().get("name"))
+
+
+Builder = Callable[["CaptionJobConfig", Any], Captioner]
+BACKENDS: dict[str, Builder] = {}
+
+
+def register_backend(name: str) -> Callable[[Builder], Builder]:
+    def add(builder: Builder) -> Builder:
+        if name in BACKENDS:
+            raise ValueError(f"caption backend {name!r} is already registered")
+        BACKENDS[name] = builder
+        return builder
+    return add
+
+
+def vllm_usable() -> bool:
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def resolve_backend(config: CaptionJobConfig) -> str:
+    """``auto``: vLLM for a transformers directory when vLLM and a GPU are there, else ``hf``; a VladVA model
+    name without ``hf_model``: ``vladva``."""
+    if config.backend != "auto":
+        if config.backend not in BACKENDS:
+            raise ValueError(f"unknown caption backend {config.backend!r}; choose from {['auto', *BACKENDS]}")
+        return config.backend
+    if config.hf_model:
+        return "vllm" if vllm_usable() else "hf"
+    if config.model:
+        return "vladva"
+    raise ValueError("no captioner: give --model NAME [--pretrained TAG] (a VladVA model's own base) or "
+                     "--hf-model DIR (a transformers image-text-to-text checkpoint)")
+
+
+def build_captioner(config: CaptionJobConfig, ctx: Any) -> Captioner:
+    """The registered backend for ``config`` (``ctx``: the job's DistContext, for the device)."""
+    from . import hf, vladva, vllm  # noqa: F401  (registration)
+
+    name = resolve_backend(config)
+    _logger.info("caption backend: %s", name)
+    return BACKENDS[name](config, ctx)
