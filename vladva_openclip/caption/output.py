@@ -114,8 +114,9 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def rewrite_tar(src: str, dest: Path, captions: dict[str, tuple[str | None, str | None, bool]],
                 long_key: str = "long.txt", short_key: str = "txt") -> int:
-    """Copy ``src`` to ``dest`` (atomically), adding ``KEY.long.txt`` to every captioned sample and, where the
-    short caption was generated, writing it as ``KEY.txt`` (an alt-text it replaces is kept as ``KEY.orig.txt``).
+    """Copy ``src`` to ``dest`` (atomically), adding ``KEY.long.txt`` to every captioned sample and writing the
+    short caption as ``KEY.txt`` where it was generated (an alt-text it replaces is kept as ``KEY.orig.txt``) or
+    where the sample had no ``txt`` (alt-text from its json).
     ``captions``: key -> (short, long, short_generated). Members of uncaptioned (skipped) samples are copied
     unchanged; a ``long.txt`` already in the input is replaced. Returns the number of samples written."""
     def write(tmp: Path) -> int:
@@ -128,6 +129,10 @@ def rewrite_tar(src: str, dest: Path, captions: dict[str, tuple[str | None, str 
                 if key is None:
                     return 0
                 short, long, short_generated = captions.get(key, (None, None, False))
+                exts = {info.name[len(key) + 1:] for info, _ in group}
+                # the trainer reads the short caption from txt: write it when generated, or when the alt-text
+                # came from elsewhere (the json member's caption)
+                write_short = short is not None and (short_generated or short_key not in exts)
                 for info, data in group:
                     ext = info.name[len(key) + 1:]
                     if ext == long_key and long is not None:
@@ -136,7 +141,7 @@ def rewrite_tar(src: str, dest: Path, captions: dict[str, tuple[str | None, str 
                         _add(tout, f"{key}.orig.txt", data)
                         continue
                     tout.addfile(info, io.BytesIO(data))
-                if short_generated and short is not None:
+                if write_short:
                     _add(tout, f"{key}.{short_key}", short.encode("utf-8"))
                 if long is not None:
                     _add(tout, f"{key}.{long_key}", long.encode("utf-8"))
