@@ -17,6 +17,7 @@ import datetime
 import importlib.metadata
 import json
 import logging
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -42,6 +43,7 @@ __all__ = ["CaptionJobError", "run_caption", "plan_row"]
 
 _logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 class CaptionJobError(RuntimeError):
@@ -166,7 +168,9 @@ class _Runner:
             for s in batch:
                 if s.error:
                     self.skips.record(s.key, s.error)
-                    skipped.append({"row": s.row, "key": self.keys(k, s), "reason": s.error})
+                    # PIL names an in-memory file by its address: drop it, so a rerun writes the same record
+                    reason = _ADDRESS.sub("", s.error)
+                    skipped.append({"row": s.row, "key": self.keys(k, s), "reason": reason})
                 else:
                     good.append(s)
             # the loader's workers interleave rows: generate in row order, so batches do not depend on them
