@@ -211,3 +211,68 @@ def test_cli_bad_arguments_exit_2(tmp_path, capsys):
     assert "--prompt sets the instruction of one kind" in capsys.readouterr().err
     assert main(["caption", "--verify", str(tmp_path)]) == 2
     assert "not a vladva caption folder" in capsys.readouterr().err
+
+
+def _stub_job_inputs(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llava"}')
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, size in enumerate([(40, 20), (20, 40), (30, 10)]):
+        Image.new("RGB", size, (i * 50, 90, 200 - i * 40)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_parquet_table_with_img2dataset_columns_clip_scores_and_progress_lines(tmp_path, llava_processor_stub,
+                                                                             monkeypatch, capsys):
+    """An img2dataset-style parquet (key, caption, path), the CLIP-score filter with an open_clip model (here the
+    tiny VladVA model: any open_clip model scores), and the bar's log lines with images/s and tokens/s."""
+    import pandas as pd
+    import torch.nn.functional as F
+
+    from vladva_openclip.caption import CaptionJobConfig, QualitySettings, run_caption
+    from vladva_openclip.caption.backends.vllm import VLLMCaptioner
+    from vladva_openclip.caption.clipscore import ClipScorer
+    from vladva_openclip.caption.quality import sentences
+
+    folder = _stub_job_inputs(tmp_path)
+    table = tmp_path / "pairs.parquet"
+    pd.DataFrame({"key": ["k0", "k1", "k2"], "caption": ["red thing", None, "a blue thing"],
+                  "path": [f"imgs/{i}.png" for i in range(3)], "status": ["success"] * 3}).to_parquet(table)
+    monkeypatch.setenv("VLADVA_PROGRESS_INTERVAL", "0")
+    cap = VLLMCaptioner(str(tmp_path / "m"), FakeLLM(), FakeSamplingParams, processor=llava_processor_stub)
+    run_caption(CaptionJobConfig(str(table), str(tmp_path / "out"), workers=0, progress=True,
+                                 clip_model="vladva-tiny-llava",
+                                 quality=QualitySettings(min_clip_score=1e9)), captioner=cap)
+    err = capsys.readouterr().err
+    assert "img/s" in err and "tok/s" in err and "\r" not in err  # log mode: plain lines
+    df = pd.read_parquet(tmp_path / "out" / "sidecars" / "part-00000.captions.parquet")
+    assert df["key"].tolist() == ["k0", "k1", "k2"]
+    # the alt-text stays the short one; the empty cell is no caption
+    assert (df["short_caption"][0], df["short_caption"][2]) == ("red thing", "a blue thing")
+    assert pd.isna(df["short_caption"][1])
+    assert all("long:low_clip_score" in list(f) for f in df["flags"])
+    # the long score is the mean over sentences of 100 x cosine, under the scorer's own model
+    scorer = ClipScorer.load("vladva-tiny-llava", None, torch_device())
+    from PIL import Image
+
+    image = scorer.preprocess(Image.open(tmp_path / "imgs" / "1.png").convert("RGB"))[None]
+    parts = sentences(df["long_caption"][1])
+    img = F.normalize(scorer.model.encode_image(image), dim=-1)
+    txt = F.normalize(scorer.model.encode_text(scorer.tokenizer(parts)), dim=-1)
+    assert df["long_clip_score"][1] == pytest.approx(float((txt @ img.T).mean() * 100), abs=1e-3)
+    assert pd.isna(df["short_clip_score"][1])  # no short caption, no score
+
+    url_table = tmp_path / "urls.csv"
+    url_table.write_text("url,caption\nhttps://example.com/a.jpg,a dog\n")
+    with pytest.raises(ValueError, match="holds URLs"):
+        run_caption(CaptionJobConfig(str(url_table), str(tmp_path / "o2"), workers=0, progress=False),
+                    captioner=cap)
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
