@@ -66,9 +66,8 @@ def tiny_captioner(n: int):
 def hf_geometry(geometry: str, device: str, n: int, root: Path):
     """A random LLaVA-1.5 checkpoint directory (real tokenizer and processor configs; 7B geometry or toy) and a
     captioner on it. The 7B weights are made on the device in bf16, never written to disk."""
-    import sys
-
     import os
+    import sys
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo / "tests"))

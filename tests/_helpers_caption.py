@@ -50,4 +50,4 @@ def write_shards(root: Path, n_shards: int, per_shard: int, json_captions: bool 
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mtime = len(payload), 0
                     tar.addfile(info, io.BytesIO(payload))
-    return str(root / ("{00000..%05d}.tar" % (n_shards - 1)))
+    return str(root / f"{{00000..{n_shards - 1:05d}}}.tar")

@@ -3,6 +3,7 @@ model.generate, the job's files, skips, resume and refusal, verify, and vladva-t
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -162,10 +163,10 @@ def test_webdataset_json_captions_rewrite_and_training_reads_both_outputs(tmp_pa
     import vladva_openclip  # noqa: F401
 
     tok = open_clip.get_tokenizer("vladva-tiny-llava")
-    args = type("A", (), dict(val_data=str(tmp_path / "out" / "wds" / "{00000..00001}.tar"), train_data=None,
-                              batch_size=5, workers=0, world_size=1, rank=0, seed=0, train_num_samples=None,
-                              wds_caption_key="txt", wds_long_caption_key="long.txt", max_short_len=32,
-                              max_long_len=48, dataset_resampled=False))()
+    args = SimpleNamespace(val_data=str(tmp_path / "out" / "wds" / "{00000..00001}.tar"), train_data=None,
+                           batch_size=5, workers=0, world_size=1, rank=0, seed=0, train_num_samples=None,
+                           wds_caption_key="txt", wds_long_caption_key="long.txt", max_short_len=32,
+                           max_long_len=48, dataset_resampled=False)
     info = get_wds_dataset(args, lambda im: torch.zeros(3, 64, 64), is_train=False, tokenizer=tok)
     _, texts = next(iter(info.dataloader))
     longs = {tok.decode([t for t in row.tolist() if t != tok.pad_token_id]) for row in texts[:, 1]}

@@ -237,7 +237,7 @@ def test_parquet_table_with_img2dataset_columns_clip_scores_and_progress_lines(t
     from vladva_openclip.caption.clipscore import ClipScorer
     from vladva_openclip.caption.quality import sentences
 
-    folder = _stub_job_inputs(tmp_path)
+    _stub_job_inputs(tmp_path)
     table = tmp_path / "pairs.parquet"
     pd.DataFrame({"key": ["k0", "k1", "k2"], "caption": ["red thing", None, "a blue thing"],
                   "path": [f"imgs/{i}.png" for i in range(3)], "status": ["success"] * 3}).to_parquet(table)

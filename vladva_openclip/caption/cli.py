@@ -10,14 +10,13 @@ from .prompts import PRESETS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import backends  # noqa: F401  (registration)
     from .backends.base import BACKENDS
     from .config import CaptionJobConfig, GenerationSettings, QualitySettings
 
-    from . import backends  # noqa: F401  (registration)
-
     d, g, q = CaptionJobConfig("", ""), GenerationSettings(), QualitySettings()
-    p.add_argument("input", nargs="?", help="image folder, .csv/.tsv/.parquet table (img2dataset columns) or webdataset "
-                                            "shards (e.g. 'shards/{00000..00099}.tar')")
+    p.add_argument("input", nargs="?", help="image folder, .csv/.tsv/.parquet table (img2dataset columns) or "
+                                            "webdataset shards (e.g. 'shards/{00000..00099}.tar')")
     p.add_argument("--output", "-o", help="job folder (sidecar parquets, manifest; resumable)")
     p.add_argument("--verify", metavar="OUT", help="check a job folder for missing or duplicate keys and exit")
     m = p.add_argument_group("captioner")
@@ -99,8 +98,8 @@ def config_from_args(args: argparse.Namespace):
             raise ValueError("--prompt sets the instruction of one kind: with --kind both use --long-prompt and "
                              "--short-prompt")
         long_prompt, short_prompt = (args.prompt, short_prompt) if args.kind == "long" else (long_prompt, args.prompt)
-    gen = dict(repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
-               temperature=args.temperature, seed=args.seed)
+    gen = {"repetition_penalty": args.repetition_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size,
+           "temperature": args.temperature, "seed": args.seed}
     return CaptionJobConfig(
         input=args.input, output=args.output, backend=args.backend, model=args.model, pretrained=args.pretrained,
         hf_model=args.hf_model, kind=args.kind, only_missing=args.only_missing, long_prompt=long_prompt,

@@ -39,7 +39,7 @@ from .inputs import open_caption_source, partition_names
 from .output import JOB_FILE, MANIFEST, JobFolder, rewrite_tar, write_json, write_sidecar
 from .quality import finish_caption
 
-__all__ = ["CaptionJobError", "run_caption", "plan_row"]
+__all__ = ["CaptionJobError", "plan_row", "run_caption"]
 
 _logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1

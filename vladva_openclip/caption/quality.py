@@ -23,8 +23,16 @@ from collections.abc import Callable
 
 from .config import QualitySettings
 
-__all__ = ["REFUSAL_PATTERNS", "BOILERPLATE_OPENERS", "caption_flags", "clean_generated", "sentences",
-           "repeated_ngram_ratio", "trim_to_sentence"]
+__all__ = [
+    "BOILERPLATE_OPENERS",
+    "REFUSAL_PATTERNS",
+    "caption_flags",
+    "clean_generated",
+    "finish_caption",
+    "repeated_ngram_ratio",
+    "sentences",
+    "trim_to_sentence",
+]
 
 REFUSAL_PATTERNS = re.compile(
     r"^\s*(i'?m sorry|i am sorry|sorry,|i cannot|i can'?t|i am unable|i'?m unable|as an ai|unfortunately,? i)",

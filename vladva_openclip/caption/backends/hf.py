@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .base import Captioner, Generation, register_backend
 from ._hfdir import checkpoint_fingerprint, model_type, prompt_builder, resolve_path
+from .base import Captioner, Generation, register_backend
 
 __all__ = ["HFCaptioner"]
 

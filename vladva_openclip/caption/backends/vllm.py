@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from .base import BackendUnavailable, Captioner, Generation, register_backend
 from ._hfdir import checkpoint_fingerprint, model_type, prompt_builder, resolve_path
+from .base import BackendUnavailable, Captioner, Generation, register_backend
 
 __all__ = ["VLLMCaptioner", "engine_kwargs"]
 
@@ -39,7 +39,8 @@ class VLLMCaptioner(Captioner):
 
     def __init__(self, path: str, engine: Any, sampling_params: Any, processor: Any = None,
                  precision: str = "bf16"):
-        self.path, self.engine, self.sampling_params, self.precision = resolve_path(path), engine, sampling_params, precision
+        self.path, self.engine, self.sampling_params = resolve_path(path), engine, sampling_params
+        self.precision = precision
         if processor is None:
             from transformers import AutoProcessor
 
