@@ -112,6 +112,9 @@ def test_verify_finds_duplicate_missing_and_unknown_keys(tmp_path, captioner):
     run_caption(_config(folder, tmp_path / "out", shard_size=2,
                         long_generation=GenerationSettings(max_new_tokens=4)), captioner=captioner)
     assert verify_output(tmp_path / "out")["ok"]
+    from vladva_openclip.cli import main
+
+    assert main(["caption", "--verify", str(tmp_path / "out")]) == 0
     path = tmp_path / "out" / "sidecars" / "part-00001.captions.parquet"
     table = pq.read_table(path)
     first = pq.read_table(tmp_path / "out" / "sidecars" / "part-00000.captions.parquet")
@@ -124,6 +127,9 @@ def test_verify_finds_duplicate_missing_and_unknown_keys(tmp_path, captioner):
     pq.write_table(pa.concat_tables([tampered, extra, bogus]).replace_schema_metadata(table.schema.metadata), path)
     report = verify_output(tmp_path / "out")
     assert not report["ok"]
+    from vladva_openclip.cli import main
+
+    assert main(["caption", "--verify", str(tmp_path / "out")]) == 1
     assert (report["duplicate_keys"], report["missing_keys"], report["unknown_keys"]) == (1, 1, 2)
     assert report["examples"]["duplicate_keys"] == ["0.png"] and report["examples"]["missing_keys"] == ["3.png"]
     path.unlink()

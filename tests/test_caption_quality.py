@@ -276,3 +276,50 @@ def torch_device():
     import torch
 
     return torch.device("cpu")
+
+
+def test_out_of_memory_halves_the_batch(tmp_path, llava_processor_stub, caplog):
+    """A captioner that runs out of memory above 1 image per call still captions every row, identically."""
+    import pandas as pd
+    import torch
+
+    from vladva_openclip.caption import CaptionJobConfig, run_caption
+    from vladva_openclip.caption.backends.vllm import VLLMCaptioner
+
+    folder = _stub_job_inputs(tmp_path)
+
+    class Tight(VLLMCaptioner):
+        calls: list[int] = []
+
+        def generate(self, inputs, instruction, settings):
+            self.calls.append(len(inputs))
+            if len(inputs) > 1:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+            return super().generate(inputs, instruction, settings)
+
+    outs = {}
+    for name, cls in (("plain", VLLMCaptioner), ("tight", Tight)):
+        cap = cls(str(tmp_path / "m"), FakeLLM(), FakeSamplingParams, processor=llava_processor_stub)
+        run_caption(CaptionJobConfig(str(folder), str(tmp_path / name), workers=0, progress=False, batch_size=3),
+                    captioner=cap)
+        outs[name] = pd.read_parquet(tmp_path / name / "sidecars" / "part-00000.captions.parquet")
+    assert Tight.calls == [3, 1, 2, 1, 1]
+    assert outs["tight"]["long_caption"].tolist() == outs["plain"]["long_caption"].tolist()
+    assert "retrying in halves" in caplog.text
+
+
+def test_lengths_are_counted_in_the_target_tokenizer(tmp_path, llava_processor_stub):
+    import open_clip
+
+    import vladva_openclip  # noqa: F401
+    from vladva_openclip.caption.backends.vllm import VLLMCaptioner
+    from vladva_openclip.caption.config import CaptionJobConfig
+    from vladva_openclip.caption.job import _counter
+
+    _stub_job_inputs(tmp_path)
+    cap = VLLMCaptioner(str(tmp_path / "m"), FakeLLM(), FakeSamplingParams, processor=llava_processor_stub)
+    text = "A large red circle is to the left of a small blue square."
+    own = _counter(CaptionJobConfig("i", "o"), cap)
+    assert own(text) == len(text.split())  # the stand-in captioner's tokenizer splits on spaces
+    target = _counter(CaptionJobConfig("i", "o", target_tokenizer="vladva-tiny-llava"), cap)
+    assert target(text) == len(open_clip.get_tokenizer("vladva-tiny-llava").encode(text)) != own(text)

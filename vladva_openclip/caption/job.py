@@ -102,8 +102,20 @@ class _Runner:
         self.stats = _Stats(started=time.perf_counter())
 
     def _generate(self, kind: str, inputs: list[Any]) -> list[Generation]:
+        """One generate call; on CUDA out-of-memory the batch is halved (recursively) instead of failing the job,
+        which gives the same captions since a left-padded batch equals its rows one by one."""
         c = self.config
-        return self.captioner.generate(inputs, c.instruction(kind), c.generation(kind))
+        try:
+            return self.captioner.generate(inputs, c.instruction(kind), c.generation(kind))
+        except torch.cuda.OutOfMemoryError:
+            if len(inputs) == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            half = len(inputs) // 2
+            _logger.warning("out of memory generating %d %s captions at once; retrying in halves (lower "
+                            "--batch-size to avoid the retries)", len(inputs), kind)
+            return self._generate(kind, inputs[:half]) + self._generate(kind, inputs[half:])
 
     def batch(self, samples: list[Sample], k: int) -> list[dict[str, Any]]:
         """Rows of the good samples of one loader batch."""
