@@ -138,7 +138,7 @@ _register_retrieval()
 def _register_caption() -> None:
     from .caption.cli import register_command
 
-    register_command(register, _setup_logging)
+    register_command(register, setup_cli_logging)
 
 
 _register_caption()
