@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 
@@ -289,7 +290,7 @@ def test_out_of_memory_halves_the_batch(tmp_path, llava_processor_stub, caplog):
     folder = _stub_job_inputs(tmp_path)
 
     class Tight(VLLMCaptioner):
-        calls: list[int] = []
+        calls: ClassVar[list[int]] = []
 
         def generate(self, inputs, instruction, settings):
             self.calls.append(len(inputs))

@@ -32,7 +32,7 @@ from ..progress import progress
 from ..retrieval.dist import DistContext
 from ..retrieval.sources import Sample, Source
 from ..train._common import SkipCounter
-from .backends.base import Captioner, Generation, build_captioner
+from .backends import Captioner, Generation, build_captioner
 from .clipscore import ClipScorer
 from .config import CaptionJobConfig, settings_hash
 from .inputs import open_caption_source, partition_names

@@ -1,8 +1,6 @@
 """The captioner interface and its registry (``--backend NAME``)."""
 from __future__ import annotations
 
-import importlib.util
-import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,10 +11,8 @@ if TYPE_CHECKING:
 
     from ..config import CaptionJobConfig, GenerationSettings
 
-__all__ = ["BACKENDS", "BackendUnavailable", "Captioner", "Generation", "build_captioner", "register_backend",
-           "resolve_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "Captioner", "Generation", "register_backend"]
 
-_logger = logging.getLogger(__name__)
 
 
 class BackendUnavailable(RuntimeError):
@@ -77,33 +73,3 @@ def register_backend(name: str) -> Callable[[Builder], Builder]:
         BACKENDS[name] = builder
         return builder
     return add
-
-
-def vllm_usable() -> bool:
-    import torch
-
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
-def resolve_backend(config: CaptionJobConfig) -> str:
-    """``auto``: vLLM for a transformers directory when vLLM and a GPU are there, else ``hf``; a VladVA model
-    name without ``hf_model``: ``vladva``."""
-    if config.backend != "auto":
-        if config.backend not in BACKENDS:
-            raise ValueError(f"unknown caption backend {config.backend!r}; choose from {['auto', *BACKENDS]}")
-        return config.backend
-    if config.hf_model:
-        return "vllm" if vllm_usable() else "hf"
-    if config.model:
-        return "vladva"
-    raise ValueError("no captioner: give --model NAME [--pretrained TAG] (a VladVA model's own base) or "
-                     "--hf-model DIR (a transformers image-text-to-text checkpoint)")
-
-
-def build_captioner(config: CaptionJobConfig, ctx: Any) -> Captioner:
-    """The registered backend for ``config`` (``ctx``: the job's DistContext, for the device)."""
-    from . import hf, vladva, vllm  # noqa: F401  (registration)
-
-    name = resolve_backend(config)
-    _logger.info("caption backend: %s", name)
-    return BACKENDS[name](config, ctx)
