@@ -2,6 +2,7 @@
 and rerun gives the files of an uninterrupted run, and torchrun with 2 processes gives the files of 1."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,11 +57,12 @@ def reference(shards, tmp_path_factory):
     _run(_args(shards, out))
     files = _files(out)
     assert len([k for k in files if k.endswith(".parquet")]) == N_SHARDS
-    return files
+    return files, out
 
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(shards, reference, tmp_path):
+    reference, _ = reference
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "vladva_openclip.cli", *_args(shards, out)], env=ENV, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -88,12 +90,28 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(shards, reference, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_torchrun_two_processes_equal_one(shards, reference, tmp_path):
-    out = tmp_path / "out"
+def test_torchrun_two_processes_equal_one_and_resume_a_one_process_run(shards, reference, tmp_path):
+    """2 ranks from scratch write the files of 1 process; and 2 ranks finish what a 1-process run left (its job
+    file and first shard copied in), again with the same files."""
+    import shutil
+
+    reference, ref_out = reference
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(free_port()), "-m"]
+    out = tmp_path / "out"
     _run(_args(shards, out), launcher=launcher)
     assert _files(out) == reference
-    manifest = (out / "manifest.json").read_text()
-    assert '"world_size": 2' in manifest
+    assert '"world_size": 2' in (out / "manifest.json").read_text()
     assert verify_output(out)["ok"]
+
+    partial = tmp_path / "partial"
+    (partial / "sidecars").mkdir(parents=True)
+    (partial / "wds").mkdir()
+    shutil.copy(ref_out / "caption_job.json", partial / "caption_job.json")
+    shutil.copy(ref_out / "sidecars" / "00000.captions.parquet", partial / "sidecars")
+    shutil.copy(ref_out / "wds" / "00000.tar", partial / "wds")
+    launcher[launcher.index("--master_port") + 1] = str(free_port())
+    _run(_args(shards, partial), launcher=launcher)
+    assert _files(partial) == reference
+    manifest = json.loads((partial / "manifest.json").read_text())
+    assert manifest["this_run"]["images"] == 3 * (N_SHARDS - 1)  # shard 0 was not redone
