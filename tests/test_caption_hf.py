@@ -58,6 +58,7 @@ def _reference(path, images, prompt: str) -> list[str]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llava", "qwen2vl"])
 def test_hf_backend_equals_transformers_generate_and_batch_equals_single(dirs, family):
     cap = HFCaptioner(str(dirs[family]), torch.device("cpu"), torch.float32)

@@ -147,6 +147,7 @@ def _train(tmp_path, name, data, dataset_type, extra=()):
     assert (tmp_path / "logs" / name / "checkpoints" / "epoch_1.pt").is_file()
 
 
+@pytest.mark.slow
 def test_webdataset_json_captions_rewrite_and_training_reads_both_outputs(tmp_path, captioner):
     """Shards with only a json caption and a corrupt image: long captions generated, shards rewritten with
     long.txt (the trainer's default key), and vladva-train trains on them and on the CSV of a folder job."""
