@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
+from .._fs import write_atomically
 from ..progress import progress
 from ..retrieval.dist import DistContext
 from ..retrieval.sources import Sample, Source
@@ -36,7 +38,7 @@ from .backends import Captioner, Generation, build_captioner
 from .clipscore import ClipScorer
 from .config import CaptionJobConfig, settings_hash
 from .inputs import open_caption_source, partition_names
-from .output import JOB_FILE, MANIFEST, JobFolder, rewrite_tar, write_json, write_sidecar
+from .output import JOB_FILE, MANIFEST, JobFolder, read_sidecar, rewrite_tar, write_json, write_sidecar
 from .quality import finish_caption
 
 __all__ = ["CaptionJobError", "plan_row", "run_caption"]
@@ -388,10 +390,6 @@ def _run(config: CaptionJobConfig, ctx: DistContext, captioner: Captioner | None
 def write_table(folder: JobFolder) -> int:
     """``captions.tsv`` from the sidecars (vladva-train's CSV reader: tab-separated, ``filepath``, ``title`` = short,
     ``long_caption``); rows without a short caption cannot train the contrastive loss and are left out."""
-    import pandas as pd
-
-    from .output import read_sidecar
-
     frames = [read_sidecar(folder.sidecar(k))[0] for k in range(len(folder.names))]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["filepath"])
     keep = df["short_caption"].notna()
@@ -400,14 +398,8 @@ def write_table(folder: JobFolder) -> int:
                         int((~keep).sum()))
     table = pd.DataFrame({"filepath": df["filepath"], "title": df["short_caption"],
                           "long_caption": df["long_caption"].fillna(""), "key": df["key"]})[keep]
-    write_atomically_tsv(folder.root / "captions.tsv", table)
+    write_atomically(folder.root / "captions.tsv", lambda tmp: table.to_csv(tmp, sep="\t", index=False))
     return int(keep.sum())
-
-
-def write_atomically_tsv(path: Path, table) -> None:
-    from .._fs import write_atomically
-
-    write_atomically(path, lambda tmp: table.to_csv(tmp, sep="\t", index=False))
 
 
 def _manifest(config: CaptionJobConfig, job: dict[str, Any], records: dict[int, dict[str, Any]],
