@@ -324,3 +324,30 @@ def test_lengths_are_counted_in_the_target_tokenizer(tmp_path, llava_processor_s
     assert own(text) == len(text.split())  # the stand-in captioner's tokenizer splits on spaces
     target = _counter(CaptionJobConfig("i", "o", target_tokenizer="vladva-tiny-llava"), cap)
     assert target(text) == len(open_clip.get_tokenizer("vladva-tiny-llava").encode(text)) != own(text)
+
+
+def test_decoding_workers_do_not_change_the_output(tmp_path, llava_processor_stub):
+    """Webdataset workers interleave rows (worker w of W decodes rows w, w+W, ...): the job generates in row order
+    anyway, so 0 and 2 workers write the same sidecar and tar; the workers get a picklable transform, not the
+    captioner."""
+    import pickle
+
+    from _helpers_caption import write_shards
+
+    from vladva_openclip.caption import CaptionJobConfig, run_caption
+    from vladva_openclip.caption.backends.vllm import VLLMCaptioner
+    from vladva_openclip.caption.output import read_sidecar
+
+    _stub_job_inputs(tmp_path)
+    pattern = write_shards(tmp_path / "shards", 1, 7, corrupt=((0, 3),))
+    results = {}
+    for workers in (0, 2):
+        cap = VLLMCaptioner(str(tmp_path / "m"), FakeLLM(), FakeSamplingParams, processor=llava_processor_stub)
+        pickle.dumps(cap.image_transform())
+        out = tmp_path / f"out{workers}"
+        run_caption(CaptionJobConfig(pattern, str(out), workers=workers, batch_size=2, progress=False,
+                                     write_wds=True), captioner=cap)
+        df, meta = read_sidecar(out / "sidecars" / "00000.captions.parquet")
+        results[workers] = (df.to_json(), meta, (out / "wds" / "00000.tar").read_bytes())
+        assert df["row"].tolist() == [0, 1, 2, 4, 5, 6] and meta["skipped"][0]["row"] == 3
+    assert results[0] == results[2]

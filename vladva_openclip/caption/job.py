@@ -72,13 +72,13 @@ def plan_row(caption: str | None, n_tokens: int | None, kinds: tuple[str, ...], 
 
 
 class _Prepare:
-    """Image -> (captioner input, CLIP input or None); picklable for DataLoader workers."""
+    """Image -> (captioner input, CLIP input or None), in the DataLoader workers (holds transforms, not models)."""
 
-    def __init__(self, captioner: Captioner, clip: Callable | None):
-        self.captioner, self.clip = captioner, clip
+    def __init__(self, transform: Callable, clip: Callable | None):
+        self.transform, self.clip = transform, clip
 
     def __call__(self, image):
-        return self.captioner.prepare(image), (self.clip(image) if self.clip is not None else None)
+        return self.transform(image), (self.clip(image) if self.clip is not None else None)
 
 
 def _as_list(batch: list[Sample]) -> list[Sample]:
@@ -171,8 +171,8 @@ class _Runner:
     def partition(self, k: int, bar) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
         """(rows in input order, skipped rows, rows read) of partition ``k``."""
         c = self.config
-        dataset = self.source.dataset(k, c.shard_size, _Prepare(self.captioner, self.clip.preprocess
-                                                                 if self.clip else None))
+        dataset = self.source.dataset(k, c.shard_size, _Prepare(self.captioner.image_transform(),
+                                                                 self.clip.preprocess if self.clip else None))
         loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.workers,
                             collate_fn=_as_list)
         rows, skipped, read = [], [], 0

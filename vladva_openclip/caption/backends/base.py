@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     from ..config import CaptionJobConfig, GenerationSettings
 
-__all__ = ["BACKENDS", "BackendUnavailable", "Captioner", "Generation", "register_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "Captioner", "Generation", "keep_image", "register_backend"]
 
 
 
@@ -41,6 +41,11 @@ class Captioner(ABC):
     @abstractmethod
     def prepare(self, image: Image.Image) -> Any: ...
 
+    def image_transform(self) -> Callable[[Image.Image], Any]:
+        """``prepare`` as a light, picklable callable for the DataLoader workers (not bound to the model, which a
+        spawned worker would otherwise receive a copy of)."""
+        return self.prepare
+
     @abstractmethod
     def full_prompt(self, instruction: str) -> str:
         """The exact prompt string the model reads for ``instruction`` (recorded with every caption)."""
@@ -60,6 +65,11 @@ class Captioner(ABC):
     @property
     def model_name(self) -> str:
         return str(self.describe().get("name"))
+
+
+def keep_image(image: Image.Image) -> Image.Image:
+    """The identity ``prepare`` of backends whose processor resizes in the main process."""
+    return image
 
 
 Builder = Callable[["CaptionJobConfig", Any], Captioner]

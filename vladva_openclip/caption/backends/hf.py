@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._hfdir import checkpoint_fingerprint, model_type, prompt_builder, resolve_path
-from .base import Captioner, Generation, register_backend
+from .base import Captioner, Generation, keep_image, register_backend
 
 __all__ = ["HFCaptioner"]
 
@@ -47,6 +47,9 @@ class HFCaptioner(Captioner):
 
     def prepare(self, image) -> Any:
         return image  # the processor resizes in the main process, batched
+
+    def image_transform(self):
+        return keep_image
 
     def full_prompt(self, instruction: str) -> str:
         return self._prompt(instruction)

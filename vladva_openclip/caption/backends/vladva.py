@@ -34,6 +34,9 @@ class VladVACaptioner(Captioner):
     def prepare(self, image) -> torch.Tensor:
         return self.preprocess(image)
 
+    def image_transform(self):
+        return self.preprocess
+
     def full_prompt(self, instruction: str) -> str:
         # the template's whole-string tokenization, image tokens included, decoded with its special tokens
         ids = self.model._image_split(self.tokenizer, instruction).ids

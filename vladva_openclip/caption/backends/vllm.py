@@ -11,7 +11,7 @@ import importlib.util
 from typing import Any
 
 from ._hfdir import checkpoint_fingerprint, model_type, prompt_builder, resolve_path
-from .base import BackendUnavailable, Captioner, Generation, register_backend
+from .base import BackendUnavailable, Captioner, Generation, keep_image, register_backend
 
 __all__ = ["VLLMCaptioner", "engine_kwargs"]
 
@@ -53,6 +53,9 @@ class VLLMCaptioner(Captioner):
 
     def prepare(self, image) -> Any:
         return image  # vLLM's own processor resizes
+
+    def image_transform(self):
+        return keep_image
 
     def full_prompt(self, instruction: str) -> str:
         return self._prompt(instruction)
