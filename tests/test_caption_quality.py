@@ -351,3 +351,24 @@ def test_decoding_workers_do_not_change_the_output(tmp_path, llava_processor_stu
         results[workers] = (df.to_json(), meta, (out / "wds" / "00000.tar").read_bytes())
         assert df["row"].tolist() == [0, 1, 2, 4, 5, 6] and meta["skipped"][0]["row"] == 3
     assert results[0] == results[2]
+
+
+def test_a_changed_input_shard_is_captioned_again(tmp_path, llava_processor_stub):
+    """A finished partition is reused only while its input files are unchanged (size, mtime, captions)."""
+    import os
+
+    from vladva_openclip.caption import CaptionJobConfig, run_caption, verify_output
+    from vladva_openclip.caption.backends.vllm import VLLMCaptioner
+
+    folder = _stub_job_inputs(tmp_path)
+    cap = VLLMCaptioner(str(tmp_path / "m"), FakeLLM(), FakeSamplingParams, processor=llava_processor_stub)
+    config = CaptionJobConfig(str(folder), str(tmp_path / "out"), workers=0, progress=False, shard_size=2)
+    assert run_caption(config, captioner=cap)["this_run"]["images"] == 3
+    assert run_caption(config, captioner=cap)["this_run"]["images"] == 0
+    (folder / "2.txt").write_text("a new alt-text")  # partition 1 (rows 2..) changes
+    assert not verify_output(tmp_path / "out")["ok"]
+    assert verify_output(tmp_path / "out")["stale_partitions"] == ["part-00001"]
+    assert run_caption(config, captioner=cap)["this_run"]["images"] == 1
+    os.utime(folder / "0.png", ns=(1, 1))  # partition 0: same bytes, other mtime: redone (cheap, and safe)
+    assert run_caption(config, captioner=cap)["this_run"]["images"] == 2
+    assert verify_output(tmp_path / "out")["ok"]

@@ -5,7 +5,8 @@
   partitions. No work queue, no communication during the job.
 - Each finished partition is one sidecar parquet written atomically (after its rewritten tar, if any): a
   killed run loses at most the partitions it was working on, and a rerun skips every sidecar that carries the
-  job's digest. With greedy decoding the rerun's files equal an uninterrupted run's.
+  job's digest and its input files' fingerprint (names, sizes, mtimes, captions: a shard replaced since is
+  redone). With greedy decoding the rerun's files equal an uninterrupted run's.
 - A rerun with other settings (captioner, prompts, decoding, thresholds, input) into the same folder is refused;
   ``overwrite=True`` starts over.
 - A missing or corrupt image is skipped: counted, logged, and listed in the sidecar's record and the manifest.
@@ -338,7 +339,7 @@ def _run(config: CaptionJobConfig, ctx: DistContext, captioner: Captioner | None
     records: dict[int, dict[str, Any]] = {}
     todo = []
     for k in mine:
-        done = folder.finished(k, job["digest"])
+        done = folder.finished(k, job["digest"], source.partition_fingerprint(k, config.shard_size))
         if done is not None:
             records[k] = done
         else:
@@ -361,7 +362,8 @@ def _run(config: CaptionJobConfig, ctx: DistContext, captioner: Captioner | None
                 captions = {r["key"]: (r.get("short_caption"), r.get("long_caption"),
                                        r.get("short_source") == "generated") for r in rows}
                 n_wds = rewrite_tar(source.urls[k], folder.tar(k), captions)
-            meta = {"digest": job["digest"], "partition": k, "name": names[k], "rows_read": read,
+            meta = {"digest": job["digest"], "inputs": source.partition_fingerprint(k, config.shard_size),
+                    "partition": k, "name": names[k], "rows_read": read,
                     "captioned": len(rows), "skipped": skipped, "wds_samples": n_wds,
                     "flagged": sum(bool(r["flags"]) for r in rows)}
             write_sidecar(folder.sidecar(k), rows, meta)

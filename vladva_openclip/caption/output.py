@@ -86,10 +86,14 @@ class JobFolder:
     def tar(self, k: int) -> Path:
         return self.root / "wds" / f"{self.names[k]}.tar"
 
-    def finished(self, k: int, digest: str) -> dict[str, Any] | None:
+    def finished(self, k: int, digest: str, inputs: str | None = None) -> dict[str, Any] | None:
+        """The sidecar's record when partition ``k`` is done under this job (``digest``) and, when given, from the
+        same input files (``inputs``: the source's partition fingerprint; a shard rewritten since is redone)."""
         path = self.sidecar(k)
         meta = sidecar_meta(path) if path.is_file() else None
-        return meta if meta is not None and meta.get("digest") == digest else None
+        if meta is None or meta.get("digest") != digest:
+            return None
+        return meta if inputs is None or meta.get("inputs") == inputs else None
 
     def clean_temporaries(self) -> int:
         """Remove half-written files of a killed run (``.NAME.XXXX.tmp`` beside their targets)."""

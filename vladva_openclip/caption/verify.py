@@ -1,7 +1,7 @@
 """``vladva caption --verify OUT``: does the job folder hold every input key exactly once?
 
 Re-reads the input's keys (no image is decoded) and compares them, partition by partition, with the sidecars:
-missing partitions, keys captioned twice (within or across sidecars), input keys that are neither captioned nor
+missing partitions, stale ones (another job's, or input files changed since), keys captioned twice (within or across sidecars), input keys that are neither captioned nor
 listed as skipped, sidecar keys that are not in the input, and (with ``--write-wds``) rewritten tars whose keys
 differ from the sidecar's.
 """
@@ -45,7 +45,8 @@ def verify_output(out: str | Path) -> dict[str, Any]:
             report["missing_partitions"].append(name)
             continue
         df, meta = read_sidecar(path)
-        if meta.get("digest") != job["digest"]:
+        if meta.get("digest") != job["digest"] or meta.get("inputs") != source.partition_fingerprint(
+                k, job["shard_size"]):
             report["stale_partitions"].append(name)
             continue
         report["finished"] += 1
