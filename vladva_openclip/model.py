@@ -443,6 +443,17 @@ class VladVA(nn.Module):
             B decoded strings.
         """
         tok = tokenizer or getattr(self, "tokenizer", None)
+        new = self.generate_tokens(image, prompt, tok, max_new_tokens, **generate_kwargs)
+        return [tok.decode(row) for row in new]
+
+    @torch.no_grad()
+    def generate_tokens(self, image: torch.Tensor, prompt: str | Sequence[str] = "Describe the image.",
+                        tokenizer: VladVATokenizer | None = None, max_new_tokens: int = 32,
+                        **generate_kwargs) -> torch.Tensor:
+        """:meth:`generate` before decoding: the new token ids ``[B, N]`` (``N <= max_new_tokens``; a row that
+        ended early is filled with ``pad_token_id`` after its EOS), for callers that count tokens or need to know
+        whether a row stopped at EOS."""
+        tok = tokenizer or getattr(self, "tokenizer", None)
         if tok is None:
             raise ValueError("generate needs the tokenizer: pass tokenizer=open_clip.get_tokenizer(name)")
         image = self._check_image(image)
@@ -462,7 +473,7 @@ class VladVA(nn.Module):
         generate_kwargs.setdefault("do_sample", False)
         out = self.lvlm.generate(**kwargs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **generate_kwargs)
-        return [tok.decode(row[width:]) for row in out]
+        return out[:, width:]
 
 
 def _trainable_names(model: "VladVA") -> set[str]:
