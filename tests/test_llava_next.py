@@ -13,7 +13,7 @@ import torch
 from _helpers_layouts import photo_like
 from _helpers_llava_next import needs_llama3, write_llava_next_dir
 
-pytestmark = needs_llama3
+pytestmark = [needs_llama3, pytest.mark.slow]
 
 NAMES = ("vladva-llavanext8b", "vladva-e5v")
 # (width, height): landscape, portrait, square, extreme strips, small, odd sizes
@@ -145,15 +145,19 @@ def test_image_embedding_equals_transformers_on_processor_output(built, ckpt, ba
     processor = copy.copy(processor)
     processor.image_processor = AutoImageProcessor.from_pretrained(ckpt, backend=backend)
     transform = AnyresTransform(preprocess.geometry, preprocess.mean, preprocess.std, backend=backend)
-    images = [photo_like(w, h, seed) for seed, (w, h) in enumerate(SIZES[:3])]
+    # strips: three different token counts (1233, 1296, 1694) at a fraction of a square image's 2946
+    images = [photo_like(w, h, seed) for seed, (w, h) in enumerate([(1000, 120), (90, 700), (333, 600)])]
     batch = torch.stack([transform(im) for im in images])
     for name, model in models.items():
+        if backend == "pil" and name == "vladva-e5v":
+            continue  # the image path is the same model's; one family member per backend suffices
         text = E5V_IMAGE if name == "vladva-e5v" else _full(model, "image", "<image>")
         refs = []
         for im in images:
             inputs = processor(images=im, text=text, return_tensors="pt")
             with torch.no_grad():
-                refs.append(hf(**inputs, output_hidden_states=True, return_dict=True).hidden_states[-1][0, -1].float())
+                refs.append(hf(**inputs, output_hidden_states=True, return_dict=True,
+                               logits_to_keep=1).hidden_states[-1][0, -1].float())
         with torch.no_grad():
             ours = model.encode_image(batch)
         refs = torch.stack(refs)
@@ -164,8 +168,8 @@ def test_image_embedding_equals_transformers_on_processor_output(built, ckpt, ba
 def test_embedding_does_not_depend_on_the_batch(built):
     models, preprocess, _, _ = built
     model = models["vladva-llavanext8b"]
-    images = torch.stack([preprocess(photo_like(w, h, s)) for s, (w, h) in enumerate([(500, 400), (90, 700),
-                                                                                        (640, 640)])])
+    sizes = [(1000, 120), (90, 700), (200, 700)]
+    images = torch.stack([preprocess(photo_like(w, h, s)) for s, (w, h) in enumerate(sizes)])
     with torch.no_grad():
         together = model.encode_image(images)
         alone = torch.cat([model.encode_image(images[i:i + 1]) for i in range(3)])
@@ -174,7 +178,7 @@ def test_embedding_does_not_depend_on_the_batch(built):
     torch.testing.assert_close(together, reordered, atol=1e-5, rtol=1e-5)
     # each row's sequence is the one image_input_ids reports for its size
     embeds, ids, mask = model._image_rows(model._check_image(images))
-    for row, (w, h) in zip(range(3), [(500, 400), (90, 700), (640, 640)]):
+    for row, (w, h) in enumerate(sizes):
         assert ids[row][mask[row].bool()].tolist() == model.image_input_ids((h, w)).tolist()
 
 
@@ -230,7 +234,7 @@ def test_generate_uses_transformers_generation_on_each_images_own_tokens(built):
     """``generate`` on a mixed batch equals transformers' generate on the processor's output, image by image."""
     models, preprocess, hf, processor = built
     model = models["vladva-llavanext8b"]
-    images = [photo_like(500, 400, 0), photo_like(90, 700, 1)]
+    images = [photo_like(1000, 120, 0), photo_like(90, 700, 1)]
     ours = model.generate(torch.stack([preprocess(im) for im in images]), prompt="Describe the image.",
                           max_new_tokens=4)
     base = model.lvlm

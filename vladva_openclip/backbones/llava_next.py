@@ -28,8 +28,8 @@ class LlavaNextBackbone(LlavaBackbone):
         return [lvlm.model.vision_tower, lvlm.model.multi_modal_projector]
 
     def architecture(self, config) -> dict:
-        # The registered image_size is the side of a square original image: the one image_input_ids() describes
-        # when no size is given (every square image has the same token count).
+        # The registered image_size is the side of the square image image_input_ids() describes when no size is
+        # given (the count depends on the side: squares up to one tile get a 1x2 grid, larger ones 2x2).
         return {}
 
     def geometry(self, config) -> AnyresGeometry:
