@@ -118,11 +118,14 @@ def markdown(rows: list[dict], machine: str, real: bool) -> str:
         lines.append(f"| {r['model']} | " + " | ".join(f"{c:.6f}" for c in cos) + " | "
                      + " | ".join(f"{t:.0f}" for t in tok) + " | " + " | ".join(f"{s:.2f}" for s in sec)
                      + f" | {r['other_image']:.4f} |")
-    lines += ["", ("The anyres transform is the processor (cosine 1 up to float32 round-off, as "
-                   "tests/test_llava_next.py asserts to 1e-5). A fixed square costs the full 2928 tokens for every "
-                   "photo, where anyres drops the feature rows that would only show padding, and it changes the "
-                   "embedding by more than a change of photo does on this random model; so the registered transform "
-                   "keeps the processor's layout and the model handles the variable lengths.")]
+    lines += ["", ("The anyres transform is the processor (cosine 1 up to float32 round-off; tests/test_llava_next.py "
+                   "asserts 1e-5). Squashing to a square first stays close on this random model (closer than a "
+                   "change of photo), cropping does not (it cuts up to half of a 2:1 photo off); both cost the full "
+                   "2928 tokens for every photo, where anyres drops the feature rows that would only show padding "
+                   "(about a third fewer on these photos). Times are one CPU run of a toy-width model, dominated by "
+                   "overheads, and say nothing about GPU speed. The registered transform keeps the processor's "
+                   "layout, so E5-V and LLaVA-NeXT see what they were trained on; rerun with `--base-model` to see "
+                   "what a trained model makes of the squash distortion.")]
     return "\n".join(lines)
 
 
