@@ -247,3 +247,18 @@ def test_generate_uses_transformers_generation_on_each_images_own_tokens(built):
             out = hf.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=128257, eos_token_id=128009)
         assert processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True) == text
     assert base is model.lvlm
+
+
+def test_truncation_cuts_the_caption_at_a_whole_string_boundary(built):
+    models, _, _, processor = built
+    hf = processor.tokenizer
+    for name, model in models.items():
+        tok = model.tokenizer
+        caption = "a very long caption about " + "many red circles and blue squares, " * 20
+        row = tok([caption], context_length=12)
+        body = row[0][row[0] != tok.pad_token_id].tolist()
+        assert 0 < len(body) <= 12
+        matches = [c for c in tok.codec("text").caption_cut_points(caption) if tok.text_body(caption[:c]) == body]
+        assert matches, "the truncated row is not the tokenization of a cut caption"
+        got = model.text_prompt.prefix_id_list + body + model.text_prompt.suffix_id_list
+        assert got == hf(_full(model, "text", caption[: matches[-1]])).input_ids, name
