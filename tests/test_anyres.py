@@ -5,16 +5,16 @@ import torch
 from vladva_openclip.anyres import AnyresGeometry, pack, parse_resize_mode, resize_mode_string, unpack
 from vladva_openclip.sequence import assemble, concat_rows
 
-GEOMETRY = AnyresGeometry(tile=8, patch=4, pinpoints=((8, 16), (16, 8), (16, 16), (24, 8), (8, 24)))
+GEOMETRY = AnyresGeometry(tile=48, patch=16, pinpoints=((48, 96), (96, 48), (96, 96), (144, 48), (48, 144)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_unpack_round_trip_survives_the_cast(dtype):
     gen = torch.Generator().manual_seed(0)
     sizes = [(1, 1), (65535, 3), (480, 640), (7, 12345)]
-    views = [torch.randn(n, 3, 8, 8, generator=gen) for n in (2, 5, 3, 1)]
+    views = [torch.randn(n, 3, 48, 48, generator=gen) for n in (2, 5, 3, 1)]
     batch = torch.stack([pack(v, h, w, GEOMETRY) for v, (h, w) in zip(views, sizes)]).to(dtype)
-    assert batch.shape == (4, 3, *GEOMETRY.canvas) == (4, 3, 41, 8)
+    assert batch.shape == (4, 3, *GEOMETRY.canvas) == (4, 3, 241, 48)
     got, got_sizes = unpack(batch, GEOMETRY)
     assert got_sizes.tolist() == [list(s) for s in sizes]
     for i, v in enumerate(views):
@@ -28,9 +28,9 @@ def test_unpack_refuses_tensors_that_were_not_packed():
     with pytest.raises(ValueError, match="preprocess transform"):
         unpack(torch.rand(2, 3, *GEOMETRY.canvas), GEOMETRY)
     with pytest.raises(ValueError, match="outside"):
-        pack(torch.zeros(1, 3, 8, 8), 0, 5, GEOMETRY)
+        pack(torch.zeros(1, 3, 48, 48), 0, 5, GEOMETRY)
     with pytest.raises(ValueError, match="views"):
-        pack(torch.zeros(6, 3, 8, 8), 5, 5, GEOMETRY)
+        pack(torch.zeros(6, 3, 48, 48), 5, 5, GEOMETRY)
 
 
 def test_resize_mode_string_round_trip_and_other_modes():
@@ -40,6 +40,10 @@ def test_resize_mode_string_round_trip_and_other_modes():
     assert parse_resize_mode("shortest") is None and parse_resize_mode(None) is None
     with pytest.raises(ValueError, match="malformed"):
         parse_resize_mode("anyres:336:x")
+    with pytest.raises(ValueError, match="at least 48"):
+        AnyresGeometry(8, 4, ((8, 16),))
+    with pytest.raises(ValueError, match="multiples"):
+        AnyresGeometry(336, 14, ((336, 600),))
 
 
 def test_open_clip_transforms_other_than_anyres_are_untouched():

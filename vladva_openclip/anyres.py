@@ -47,6 +47,14 @@ class AnyresGeometry:
     pinpoints: tuple[tuple[int, int], ...]
     full: bool = False
 
+    def __post_init__(self):
+        if self.tile < META_WIDTH:
+            raise ValueError(f"anyres tiles of {self.tile} px cannot carry the packed image size ({META_WIDTH} "
+                             f"columns); tiles must be at least {META_WIDTH} px wide")
+        bad = [p for p in self.pinpoints if p[0] % self.tile or p[1] % self.tile]
+        if bad or not self.pinpoints:
+            raise ValueError(f"image_grid_pinpoints must be multiples of the tile side {self.tile}, got {bad or 'none'}")
+
     @classmethod
     def from_config(cls, config: Any) -> AnyresGeometry:
         """From a transformers ``LlavaNextConfig`` (or its dict)."""
