@@ -151,3 +151,22 @@ def test_generate_per_image_token_counts_and_batch_invariance(tiny):
     together = model.generate(images, prompt="Describe the image.", max_new_tokens=5)
     alone = [model.generate(images[i:i + 1], prompt="Describe the image.", max_new_tokens=5)[0] for i in range(4)]
     assert together == alone and all(isinstance(t, str) and t for t in together)
+
+
+def test_saved_adapter_rebuilds_the_anyres_transform(tiny, tmp_path):
+    """open_clip_config.json carries the anyres geometry in its resize_mode; local-dir: rebuilds model and transform."""
+    import open_clip
+
+    from vladva_openclip.adapters import save_adapter
+    from vladva_openclip.anyres import AnyresTransform
+
+    model = _perturbed(open_clip.create_model(NAME)).eval()
+    _, preprocess, _ = tiny
+    save_adapter(model, tmp_path / "ad", include_base=True)
+    pp = json.loads((tmp_path / "ad" / "open_clip_config.json").read_text())["preprocess_cfg"]
+    assert pp["resize_mode"] == "anyres:64/16:64x128,128x64,128x128,192x64,64x192" and pp["size"] == [321, 64]
+    loaded, _, pre = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'ad'}")
+    assert isinstance(pre, AnyresTransform)
+    image = _noise(200, 80, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().encode_image(pre(image)[None]), model.encode_image(preprocess(image)[None]))
