@@ -162,7 +162,7 @@ def test_saved_adapter_rebuilds_the_anyres_transform(tiny, tmp_path):
 
     model = _perturbed(open_clip.create_model(NAME)).eval()
     _, preprocess, _ = tiny
-    save_adapter(model, tmp_path / "ad", include_base=True)
+    save_adapter(model, tmp_path / "ad", include_base=True, model_card=True)
     pp = json.loads((tmp_path / "ad" / "open_clip_config.json").read_text())["preprocess_cfg"]
     assert pp["resize_mode"] == "anyres:64/16:64x128,128x64,128x128,192x64,64x192" and pp["size"] == [321, 64]
     loaded, _, pre = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'ad'}")
