@@ -22,7 +22,8 @@ CAPTIONS = ["a red circle", "Two dogs play in the snow.", " leading and  double 
             "naïve café, 東京 — “quotes” 🐈", "1,000 items at 3.5% off!?", "tab\tseparated", ""]
 SPECIAL_LOOKING = ["an <image> token", "<pad> and <|eot_id|>", "<|begin_of_text|>x<|start_header_id|>"]
 # E5-V's README / retrieval.py, verbatim.
-E5V_TEMPLATE = '<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n'
+E5V_TEMPLATE = ('<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>'
+                '<|start_header_id|>assistant<|end_header_id|>\n\n \n')
 E5V_IMAGE = E5V_TEMPLATE.format('<image>\nSummary above image in one word: ')
 E5V_TEXT = E5V_TEMPLATE.format('<sent>\nSummary above sentence in one word: ')
 
@@ -76,10 +77,12 @@ def test_full_size_parameter_count_on_meta():
     lvlm = model.lvlm
     base = vladva_openclip.count_parameters(model)["base"]
     assert abs(base - 8.36e9) / 8.36e9 < 0.001, base
-    llm = sum(p.numel() for n, p in lvlm.named_parameters() if "lora_" not in n and ("language_model" in n or "lm_head" in n))
+    llm = sum(p.numel() for n, p in lvlm.named_parameters()
+              if "lora_" not in n and ("language_model" in n or "lm_head" in n))
     assert llm == 8_030_261_248 + 2 * (128_320 - 128_256) * 4096
     assert sum(p.numel() for p in lvlm.model.vision_tower.parameters()) == 303_507_456
-    assert sum(p.numel() for p in lvlm.model.multi_modal_projector.parameters()) == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
+    projector = sum(p.numel() for p in lvlm.model.multi_modal_projector.parameters())
+    assert projector == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert lvlm.model.image_newline.numel() == 4096
 
 
@@ -122,7 +125,8 @@ def test_image_ids_equal_processor_expansion(built):
     models, _, _, processor = built
     for name, model in models.items():
         for seed, (w, h) in enumerate(SIZES):
-            inputs = processor(images=photo_like(w, h, seed), text=_full(model, "image", "<image>"), return_tensors="pt")
+            inputs = processor(images=photo_like(w, h, seed), text=_full(model, "image", "<image>"),
+                               return_tensors="pt")
             assert model.image_input_ids((h, w)).tolist() == inputs["input_ids"][0].tolist(), (name, w, h)
     e5v = models["vladva-e5v"]
     inputs = processor(images=photo_like(500, 400), text=E5V_IMAGE, return_tensors="pt")
@@ -177,7 +181,7 @@ def test_embedding_does_not_depend_on_the_batch(built):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together, reordered, atol=1e-5, rtol=1e-5)
     # each row's sequence is the one image_input_ids reports for its size
-    embeds, ids, mask = model._image_rows(model._check_image(images))
+    _, ids, mask = model._image_rows(model._check_image(images))
     for row, (w, h) in enumerate(sizes):
         assert ids[row][mask[row].bool()].tolist() == model.image_input_ids((h, w)).tolist()
 

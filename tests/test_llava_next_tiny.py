@@ -88,7 +88,7 @@ def test_train_a_few_steps_then_load(tmp_path):
             "--warmup", "0", "--seed", "0", "--max-short-len", "24", "--max-long-len", "32", "--epochs", "1",
             "--log-every-n-steps", "1", "--report-to", ""]
     assert main(args) in (None, 0)
-    ckpt = sorted(glob.glob(str(tmp_path / "run" / "checkpoints" / "epoch_*.pt")))[-1]
+    ckpt = max(glob.glob(str(tmp_path / "run" / "checkpoints" / "epoch_*.pt")))
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     base = open_clip.create_model(NAME)
     assert set(state) == set(base.trainable_state_dict())
@@ -169,4 +169,5 @@ def test_saved_adapter_rebuilds_the_anyres_transform(tiny, tmp_path):
     assert isinstance(pre, AnyresTransform)
     image = _noise(200, 80, 5)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval().encode_image(pre(image)[None]), model.encode_image(preprocess(image)[None]))
+        torch.testing.assert_close(loaded.eval().encode_image(pre(image)[None]),
+                                   model.encode_image(preprocess(image)[None]))

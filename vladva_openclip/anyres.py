@@ -53,7 +53,8 @@ class AnyresGeometry:
                              f"columns); tiles must be at least {META_WIDTH} px wide")
         bad = [p for p in self.pinpoints if p[0] % self.tile or p[1] % self.tile]
         if bad or not self.pinpoints:
-            raise ValueError(f"image_grid_pinpoints must be multiples of the tile side {self.tile}, got {bad or 'none'}")
+            raise ValueError(f"image_grid_pinpoints must be multiples of the tile side {self.tile}, "
+                             f"got {bad or 'none'}")
 
     @classmethod
     def from_config(cls, config: Any) -> AnyresGeometry:
@@ -214,5 +215,6 @@ def parse_resize_mode(mode: str) -> AnyresGeometry | None:
         tile, patch = (int(v) for v in parts[1].split("/"))
         pins = tuple(tuple(int(v) for v in p.split("x")) for p in parts[2].split(","))
     except (IndexError, ValueError):
-        raise ValueError(f"malformed anyres resize mode {mode!r}; expected 'anyres:<tile>/<patch>:<h>x<w>,...'") from None
+        raise ValueError(f"malformed anyres resize mode {mode!r}; "
+                         f"expected 'anyres:<tile>/<patch>:<h>x<w>,...'") from None
     return AnyresGeometry(tile, patch, pins, full=len(parts) > 3 and parts[3] == "full")

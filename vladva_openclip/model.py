@@ -54,8 +54,8 @@ class VladVA(nn.Module):
         self.context_length = cfg.context_length
         self.vocab_size = tokenizer.vocab_size
         self.output_dict = True
-        self.visual = VisualInfo(image_size=self.backbone.input_size(lvlm.config, cfg.image_size), image_mean=cfg.image_mean,
-                                 image_std=cfg.image_std, preprocess_cfg={})
+        self.visual = VisualInfo(image_size=self.backbone.input_size(lvlm.config, cfg.image_size),
+                                 image_mean=cfg.image_mean, image_std=cfg.image_std, preprocess_cfg={})
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
