@@ -102,7 +102,7 @@ def test_eval_retrieval_and_winoground(world, tmp_path):
     from vladva_openclip.eval.cli import main as eval_main
 
     out = tmp_path / "results"
-    argv = ["--model", NAME, "--no-cache", "--batch-size", "4", "--quiet", "--output-dir", str(out),
+    argv = ["--model", NAME, "--no-cache", "--batch-size", "4", "--workers", "0", "--quiet", "--output-dir", str(out),
             "--task", "retrieval", "--data", str(world.retrieval_json),
             "--task", "winoground", "--data", str(world.winoground_dir)]
     assert eval_main(argv) in (None, 0)
@@ -113,6 +113,13 @@ def test_eval_retrieval_and_winoground(world, tmp_path):
         for key, value in result["metrics"].items():
             if "mean_rank" not in key and key != "rsum":
                 assert 0.0 <= value <= 100.0, (key, value)
+    # generative scoring runs the caption after each image's own image tokens (image_features_and_ar)
+    gen_out = tmp_path / "generative"
+    argv = ["--model", NAME, "--no-cache", "--batch-size", "4", "--workers", "0", "--quiet", "--scoring",
+            "generative", "--output-dir", str(gen_out), "--task", "winoground", "--data", str(world.winoground_dir)]
+    assert eval_main(argv) in (None, 0)
+    metrics = json.loads((gen_out / "results.json").read_text())["results"][NAME]["winoground"]["metrics"]
+    assert metrics and all(0.0 <= v <= 100.0 for v in metrics.values())
 
 
 def test_embed_shards_equal_encode_image_on_mixed_aspect_ratios(tiny, tmp_path):
