@@ -21,7 +21,7 @@ from .backbones import Backbone, get_backbone
 from .config import VladVAConfig
 from .kernels import last_token_pool
 from .prompts import ModalityPrompt
-from .sequence import assemble
+from .sequence import assemble, concat_rows
 from .tokenizer import VladVATokenizer, caption_lengths
 
 _logger = logging.getLogger(__name__)
@@ -54,8 +54,8 @@ class VladVA(nn.Module):
         self.context_length = cfg.context_length
         self.vocab_size = tokenizer.vocab_size
         self.output_dict = True
-        self.visual = VisualInfo(image_size=(cfg.image_size, cfg.image_size), image_mean=cfg.image_mean,
-                                 image_std=cfg.image_std, preprocess_cfg={})
+        self.visual = VisualInfo(image_size=self.backbone.input_size(lvlm.config, cfg.image_size),
+                                 image_mean=cfg.image_mean, image_std=cfg.image_std, preprocess_cfg={})
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
@@ -159,12 +159,12 @@ class VladVA(nn.Module):
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"image must be a torch.Tensor [B,3,H,W], got {type(image).__name__}; "
                             f"apply the model's preprocess transform to PIL images first")
-        size = self.cfg.image_size
+        h, w = self.backbone.input_size(self.lvlm.config, self.cfg.image_size)
         if image.dim() == 3:
-            raise ValueError(f"image must be batched [B,3,{size},{size}], got {tuple(image.shape)}; "
+            raise ValueError(f"image must be batched [B,3,{h},{w}], got {tuple(image.shape)}; "
                              f"use image.unsqueeze(0) for a single image")
-        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (size, size):
-            raise ValueError(f"image must have shape [B,3,{size},{size}] (the model's preprocess output), "
+        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (h, w):
+            raise ValueError(f"image must have shape [B,3,{h},{w}] (the model's preprocess output), "
                              f"got {tuple(image.shape)}")
         if not image.is_floating_point():
             raise TypeError(f"image must be a float tensor normalised by the model's preprocess, got {image.dtype}; "
@@ -207,6 +207,41 @@ class VladVA(nn.Module):
         ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
         return embeds, ids
 
+    def _image_body(self, count: int) -> list[int]:
+        """The image part's ids with ``count`` image-token slots (the template's own tokens around them kept)."""
+        base = self.image_body_id_list
+        tok = self.backbone.image_token_id(self.lvlm.config)
+        first, last = base.index(tok), len(base) - base[::-1].index(tok)
+        return base[:first] + [tok] * count + base[last:]
+
+    def _image_rows(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B,3,H,W]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``).
+
+        Where the number of image tokens depends on the image (LLaVA-NeXT), each row is
+        ``[prefix | its own image tokens | prompt]`` and right padded, so an item's sequence, positions and
+        summary token are those it has alone: its embedding does not depend on the batch.
+        """
+        if not self.backbone.variable_image_tokens:
+            embeds, ids = self._image_sequence(image)
+            return embeds, ids, torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+        emb = self.embedding
+        feats, counts = self.backbone.image_batch(self.lvlm, image)
+        feats = feats.to(self.base_dtype)
+        bodies = [self._image_body(int(n)) for n in counts.tolist()]
+        lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=feats.device)
+        body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
+                              device=feats.device)
+        for i, row in enumerate(bodies):
+            body_ids[i, : len(row)] = torch.tensor(row, device=feats.device)
+        valid = torch.arange(body_ids.shape[1], device=feats.device).unsqueeze(0) < lengths.unsqueeze(1)
+        slots = (body_ids == self.backbone.image_token_id(self.lvlm.config)) & valid
+        real = torch.arange(feats.shape[1], device=feats.device).unsqueeze(0) < counts.unsqueeze(1)
+        body = emb(body_ids).masked_scatter(slots.unsqueeze(-1), feats[real])
+        prompt = self.image_prompt
+        embeds, mask = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
+        ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
+        return embeds, torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
+
     def _text_sequence(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Caption ids ``[B, L]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``)."""
         emb = self.embedding
@@ -239,11 +274,20 @@ class VladVA(nn.Module):
         ids, mask = assemble(prefix, body, lengths, suffix)
         return torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
 
-    def image_input_ids(self) -> torch.Tensor:
+    def image_input_ids(self, image_size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """``ids [T]`` (CPU LongTensor): the exact ids of the image tower's sequence; the image-token slots are
-        replaced by the projected image features and the soft-prompt slots by the soft vectors."""
+        replaced by the projected image features and the soft-prompt slots by the soft vectors.
+
+        Args:
+            image_size: where the number of image tokens depends on the image (LLaVA-NeXT), the original
+                ``(height, width)`` (or one side of a square image) whose sequence to report; default: a square
+                image. Fixed-count families ignore it.
+        """
         prompt = self.image_prompt
-        return torch.tensor(prompt.prefix_id_list + self.image_body_id_list + prompt.suffix_id_list, dtype=torch.long)
+        body = self.image_body_id_list
+        if image_size is not None and self.backbone.variable_image_tokens:
+            body = self._image_body(self.backbone.num_image_tokens(self.lvlm.config, image_size))
+        return torch.tensor(prompt.prefix_id_list + body + prompt.suffix_id_list, dtype=torch.long)
 
     def _empty(self) -> torch.Tensor:
         return torch.zeros(0, self.embed_dim, device=self.device, dtype=torch.float32)
@@ -261,8 +305,7 @@ class VladVA(nn.Module):
         image = self._check_image(image)
         if image.shape[0] == 0:
             return self._empty()
-        embeds, ids = self._image_sequence(image)
-        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+        embeds, ids, mask = self._image_rows(image)
         hidden = self._run_llm(embeds, mask, ids, image=True)
         return last_token_pool(hidden, mask, normalize=normalize).float()
 
@@ -304,28 +347,31 @@ class VladVA(nn.Module):
         image = self._check_image(image)
         long_caption = self._check_text(long_caption)
         emb = self.embedding
-        img_embeds, img_ids = self._image_sequence(image)
-        t_img = img_ids.shape[1]
+        img_embeds, img_ids, img_mask = self._image_rows(image)
+        img_len = img_mask.sum(1)
         lengths = caption_lengths(long_caption, self.pad_token_id)
         # A row filled to the last column holds a caption cut by the tokenizer: no EOS target (never learn to stop
         # mid-sentence). See VladVATokenizer.long_captions.
         complete = lengths < long_caption.shape[1]
         counts = torch.where(lengths > 0, lengths + complete.long(), torch.zeros_like(lengths))
         if not compute_ar or int(lengths.max()) == 0:
-            mask = torch.ones(img_ids.shape, dtype=torch.long, device=img_ids.device)
-            hidden = self._run_llm(img_embeds, mask, img_ids, image=True)
-            feats = last_token_pool(hidden, mask, normalize=True).float()
+            hidden = self._run_llm(img_embeds, img_mask, img_ids, image=True)
+            feats = last_token_pool(hidden, img_mask, normalize=True).float()
             return feats, torch.zeros_like(feats[:, 0]), counts.float()
         cap = long_caption[:, : int(lengths.max())]
         eos = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=cap.device)
         # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
-        embeds, mask = assemble(img_embeds, emb(cap), lengths, emb(eos))
-        ids, _ = assemble(img_ids, cap, lengths, eos)
+        one = torch.ones(1, dtype=torch.long, device=cap.device)
+        embeds, mask = concat_rows([(img_embeds, img_len), (emb(cap), lengths), (emb(eos), one)])
+        ids, _ = concat_rows([(img_ids, img_len), (cap, lengths), (eos, one)])
         hidden = self._run_llm(embeds, mask, ids, image=True)
-        feats = F.normalize(hidden[:, t_img - 1].float(), dim=-1)
+        rows = torch.arange(cap.shape[0], device=cap.device)
+        feats = F.normalize(hidden[rows, img_len - 1].float(), dim=-1)
         targets, tmask = caption_targets(cap, lengths, self.eos_token_id, complete)
-        # Position t_img-1+j predicts targets[:, j].
-        pred = hidden[:, t_img - 1: t_img - 1 + targets.shape[1]]
+        # Position img_len-1+j of a row predicts targets[:, j] (positions past the row are masked by tmask).
+        where = (img_len.unsqueeze(1) - 1 + torch.arange(targets.shape[1], device=cap.device)).clamp(
+            max=hidden.shape[1] - 1)
+        pred = hidden.gather(1, where.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         nll = token_nll(pred[tmask], self.backbone.lm_head(self.lvlm).weight, targets[tmask], chunk=self._ar_chunk)
         sample = torch.arange(cap.shape[0], device=cap.device).unsqueeze(1).expand_as(tmask)[tmask]
         nll_sum = torch.zeros(cap.shape[0], device=nll.device, dtype=torch.float32).index_add(0, sample, nll)
@@ -460,7 +506,12 @@ class VladVA(nn.Module):
         prompts = [prompt] * image.shape[0] if isinstance(prompt, str) else list(prompt)
         if len(prompts) != image.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {image.shape[0]} images")
-        rows = [self._image_split(tok, p).ids for p in prompts]
+        splits = [self._image_split(tok, p) for p in prompts]
+        rows = [s.ids for s in splits]
+        sizes = self.backbone.image_sizes(self.lvlm.config, image)
+        if sizes is not None:  # each image's own number of image tokens
+            counts = [self.backbone.num_image_tokens(self.lvlm.config, hw) for hw in sizes]
+            rows = [s.prefix + self._image_body(n) + s.prompt + s.post for s, n in zip(splits, counts)]
         width = max(len(r) for r in rows)
         # Left padding: generation appends at the end of every row.
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
