@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -22,7 +23,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SHARED_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
+# ../shared next to the checkout; VLADVA_SHARED_TOKENIZERS points elsewhere (a git worktree has another parent).
+SHARED_TOKENIZERS = Path(os.environ.get("VLADVA_SHARED_TOKENIZERS")
+                         or Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers")
 needs_real_tokenizers = pytest.mark.skipif(
     not (SHARED_TOKENIZERS / "llava-1.5").is_dir() or not (SHARED_TOKENIZERS / "qwen2-vl").is_dir(),
     reason=f"the real LLaVA-1.5 / Qwen2-VL tokenizers are absent ({SHARED_TOKENIZERS})")

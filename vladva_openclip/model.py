@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -22,7 +23,7 @@ from .backbones import Backbone, get_backbone
 from .config import VladVAConfig
 from .kernels import last_token_pool
 from .prompts import ModalityPrompt
-from .sequence import assemble
+from .sequence import assemble, concat_rows
 from .tokenizer import VladVATokenizer, caption_lengths
 
 _logger = logging.getLogger(__name__)
@@ -55,8 +56,8 @@ class VladVA(nn.Module):
         self.context_length = cfg.context_length
         self.vocab_size = tokenizer.vocab_size
         self.output_dict = True
-        self.visual = VisualInfo(image_size=(cfg.image_size, cfg.image_size), image_mean=cfg.image_mean,
-                                 image_std=cfg.image_std, preprocess_cfg={})
+        self.visual = VisualInfo(image_size=self.backbone.input_size(lvlm.config, cfg.image_size),
+                                 image_mean=cfg.image_mean, image_std=cfg.image_std, preprocess_cfg={})
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
@@ -168,12 +169,12 @@ class VladVA(nn.Module):
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"image must be a torch.Tensor [B,3,H,W], got {type(image).__name__}; "
                             f"apply the model's preprocess transform to PIL images first")
-        size = self.cfg.image_size
+        h, w = self.backbone.input_size(self.lvlm.config, self.cfg.image_size)
         if image.dim() == 3:
-            raise ValueError(f"image must be batched [B,3,{size},{size}], got {tuple(image.shape)}; "
+            raise ValueError(f"image must be batched [B,3,{h},{w}], got {tuple(image.shape)}; "
                              f"use image.unsqueeze(0) for a single image")
-        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (size, size):
-            raise ValueError(f"image must have shape [B,3,{size},{size}] (the model's preprocess output), "
+        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (h, w):
+            raise ValueError(f"image must have shape [B,3,{h},{w}] (the model's preprocess output), "
                              f"got {tuple(image.shape)}")
         if not image.is_floating_point():
             raise TypeError(f"image must be a float tensor normalised by the model's preprocess, got {image.dtype}; "
@@ -201,21 +202,22 @@ class VladVA(nn.Module):
         out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
         return out.last_hidden_state
 
-    def _vision_features(self, image: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
-        """The frozen vision tower + projector on ``image`` -> ``[B, N, H]``, reused from the accumulation's
+    def _vision_features(self, image: torch.Tensor, source: torch.Tensor | None,
+                         compute: Callable[[], Any]) -> Any:
+        """``compute()`` (the frozen vision tower + projector on ``image``), reused from the accumulation's
         no-gradient pass over the same input tensor ``source`` (identity, not value) when
         ``reuse_vision_features`` is on. Frozen and deterministic, so the reused output is the one the gradient
         pass would compute."""
         if not (self.reuse_vision_features and self.training and source is not None):
-            return self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
+            return compute()
         self._vision_cache = [e for e in self._vision_cache if e[0]() is not None]  # inputs still alive only
         if torch.is_grad_enabled():
             for i, (ref, version, feats) in enumerate(self._vision_cache):
                 if ref() is source and source._version == version:  # the same tensor, not written to since
                     del self._vision_cache[i]
                     return feats
-            return self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
-        feats = self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
+            return compute()
+        feats = compute()
         self._vision_cache.append((weakref.ref(source), source._version, feats))
         return feats
 
@@ -225,7 +227,8 @@ class VladVA(nn.Module):
         ``source``: the caller's tensor before dtype/device conversion (the key of the vision-feature reuse)."""
         emb = self.embedding
         b = image.shape[0]
-        feats = self._vision_features(image, source)
+        feats = self._vision_features(
+            image, source, lambda: self.backbone.image_features(self.lvlm, image).to(self.base_dtype))
         body_ids = self.image_body_ids.unsqueeze(0).expand(b, -1)
         body = emb(body_ids)
         slots = body_ids == self.backbone.image_token_id(self.lvlm.config)
@@ -235,6 +238,43 @@ class VladVA(nn.Module):
         embeds, _ = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
         ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
         return embeds, ids
+
+    def _image_body(self, count: int) -> list[int]:
+        """The image part's ids with ``count`` image-token slots (the template's own tokens around them kept)."""
+        base = self.image_body_id_list
+        tok = self.backbone.image_token_id(self.lvlm.config)
+        first, last = base.index(tok), len(base) - base[::-1].index(tok)
+        return base[:first] + [tok] * count + base[last:]
+
+    def _image_rows(self, image: torch.Tensor,
+                    source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B,3,H,W]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``). ``source``: the caller's
+        tensor before dtype/device conversion (the key of the vision-feature reuse under accumulation).
+
+        Where the number of image tokens depends on the image (LLaVA-NeXT), each row is
+        ``[prefix | its own image tokens | prompt]`` and right padded, so an item's sequence, positions and
+        summary token are those it has alone: its embedding does not depend on the batch.
+        """
+        if not self.backbone.variable_image_tokens:
+            embeds, ids = self._image_sequence(image, source)
+            return embeds, ids, torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+        emb = self.embedding
+        feats, counts = self._vision_features(image, source, lambda: self.backbone.image_batch(self.lvlm, image))
+        feats = feats.to(self.base_dtype)
+        bodies = [self._image_body(int(n)) for n in counts.tolist()]
+        lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=feats.device)
+        body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
+                              device=feats.device)
+        for i, row in enumerate(bodies):
+            body_ids[i, : len(row)] = torch.tensor(row, device=feats.device)
+        valid = torch.arange(body_ids.shape[1], device=feats.device).unsqueeze(0) < lengths.unsqueeze(1)
+        slots = (body_ids == self.backbone.image_token_id(self.lvlm.config)) & valid
+        real = torch.arange(feats.shape[1], device=feats.device).unsqueeze(0) < counts.unsqueeze(1)
+        body = emb(body_ids).masked_scatter(slots.unsqueeze(-1), feats[real])
+        prompt = self.image_prompt
+        embeds, mask = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
+        ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
+        return embeds, torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
 
     def _text_sequence(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Caption ids ``[B, L]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``)."""
@@ -268,11 +308,20 @@ class VladVA(nn.Module):
         ids, mask = assemble(prefix, body, lengths, suffix)
         return torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
 
-    def image_input_ids(self) -> torch.Tensor:
+    def image_input_ids(self, image_size: int | tuple[int, int] | None = None) -> torch.Tensor:
         """``ids [T]`` (CPU LongTensor): the exact ids of the image tower's sequence; the image-token slots are
-        replaced by the projected image features and the soft-prompt slots by the soft vectors."""
+        replaced by the projected image features and the soft-prompt slots by the soft vectors.
+
+        Args:
+            image_size: where the number of image tokens depends on the image (LLaVA-NeXT), the original
+                ``(height, width)`` (or one side of a square image) whose sequence to report; default: a square
+                image. Fixed-count families ignore it.
+        """
         prompt = self.image_prompt
-        return torch.tensor(prompt.prefix_id_list + self.image_body_id_list + prompt.suffix_id_list, dtype=torch.long)
+        body = self.image_body_id_list
+        if image_size is not None and self.backbone.variable_image_tokens:
+            body = self._image_body(self.backbone.num_image_tokens(self.lvlm.config, image_size))
+        return torch.tensor(prompt.prefix_id_list + body + prompt.suffix_id_list, dtype=torch.long)
 
     def _empty(self) -> torch.Tensor:
         return torch.zeros(0, self.embed_dim, device=self.device, dtype=torch.float32)
@@ -290,8 +339,7 @@ class VladVA(nn.Module):
         image = self._check_image(image)
         if image.shape[0] == 0:
             return self._empty()
-        embeds, ids = self._image_sequence(image)
-        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
+        embeds, ids, mask = self._image_rows(image)
         hidden = self._run_llm(embeds, mask, ids, image=True)
         return last_token_pool(hidden, mask, normalize=normalize).float()
 
@@ -333,23 +381,24 @@ class VladVA(nn.Module):
         source = image
         image = self._check_image(image)
         long_caption = self._check_text(long_caption)
-        img_embeds, img_ids = self._image_sequence(image, source)
-        t_img = img_ids.shape[1]
+        img_embeds, img_ids, img_mask = self._image_rows(image, source)
+        img_len = img_mask.sum(1)
         lengths = caption_lengths(long_caption, self.pad_token_id)
         # A row filled to the last column holds a caption cut by the tokenizer: no EOS target (never learn to stop
         # mid-sentence). See VladVATokenizer.long_captions.
         complete = lengths < long_caption.shape[1]
         counts = torch.where(lengths > 0, lengths + complete.long(), torch.zeros_like(lengths))
         if not compute_ar or int(lengths.max()) == 0:
-            mask = torch.ones(img_ids.shape, dtype=torch.long, device=img_ids.device)
-            hidden = self._run_llm(img_embeds, mask, img_ids, image=True)
-            feats = last_token_pool(hidden, mask, normalize=True).float()
+            hidden = self._run_llm(img_embeds, img_mask, img_ids, image=True)
+            feats = last_token_pool(hidden, img_mask, normalize=True).float()
             return feats, torch.zeros_like(feats[:, 0]), counts.float()
-        groups = length_groups(lengths.tolist(), t_img + 1, self.ar_length_groups)
+        # rows cost their image part + caption + EOS: group by that total (image parts differ under LLaVA-NeXT)
+        groups = length_groups((img_len + lengths).tolist(), 1, self.ar_length_groups)
         if len(groups) == 1:
-            return (*self._ar_pass(img_embeds, img_ids, long_caption, lengths, complete), counts.float())
+            return (*self._ar_pass(img_embeds, img_ids, img_len, long_caption, lengths, complete), counts.float())
         order = torch.tensor([i for g in groups for i in g], device=lengths.device)
-        parts = [self._ar_pass(img_embeds[idx], img_ids[idx], long_caption[idx], lengths[idx], complete[idx])
+        parts = [self._ar_pass(img_embeds[idx], img_ids[idx], img_len[idx], long_caption[idx], lengths[idx],
+                               complete[idx])
                  for idx in (torch.tensor(g, device=lengths.device) for g in groups)]
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
@@ -357,22 +406,27 @@ class VladVA(nn.Module):
         nll_sum = torch.cat([p[1] for p in parts])[inverse]
         return feats, nll_sum, counts.float()
 
-    def _ar_pass(self, img_embeds: torch.Tensor, img_ids: torch.Tensor, long_caption: torch.Tensor,
-                 lengths: torch.Tensor, complete: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One causal pass over ``[image part | long caption | EOS]`` for rows padded to their longest caption ->
-        (normalised image features ``[b, D]`` fp32, per-sample NLL sums ``[b]`` fp32)."""
+    def _ar_pass(self, img_embeds: torch.Tensor, img_ids: torch.Tensor, img_len: torch.Tensor,
+                 long_caption: torch.Tensor, lengths: torch.Tensor,
+                 complete: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One causal pass over ``[image part | long caption | EOS]`` for rows padded to their longest sequence ->
+        (normalised image features ``[b, D]`` fp32, per-sample NLL sums ``[b]`` fp32). ``img_len``: each row's
+        image-part length (columns past it are padding)."""
         emb = self.embedding
-        t_img = img_ids.shape[1]
         cap = long_caption[:, : max(int(lengths.max()), 1)]
         eos = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=cap.device)
         # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
-        embeds, mask = assemble(img_embeds, emb(cap), lengths, emb(eos))
-        ids, _ = assemble(img_ids, cap, lengths, eos)
+        one = torch.ones(1, dtype=torch.long, device=cap.device)
+        embeds, mask = concat_rows([(img_embeds, img_len), (emb(cap), lengths), (emb(eos), one)])
+        ids, _ = concat_rows([(img_ids, img_len), (cap, lengths), (eos, one)])
         hidden = self._run_llm(embeds, mask, ids, image=True)
-        feats = F.normalize(hidden[:, t_img - 1].float(), dim=-1)
+        rows = torch.arange(cap.shape[0], device=cap.device)
+        feats = F.normalize(hidden[rows, img_len - 1].float(), dim=-1)
         targets, tmask = caption_targets(cap, lengths, self.eos_token_id, complete)
-        # Position t_img-1+j predicts targets[:, j].
-        pred = hidden[:, t_img - 1: t_img - 1 + targets.shape[1]]
+        # Position img_len-1+j of a row predicts targets[:, j] (positions past the row are masked by tmask).
+        where = (img_len.unsqueeze(1) - 1 + torch.arange(targets.shape[1], device=cap.device)).clamp(
+            max=hidden.shape[1] - 1)
+        pred = hidden.gather(1, where.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         nll = token_nll(pred[tmask], self.backbone.lm_head(self.lvlm).weight, targets[tmask], chunk=self._ar_chunk)
         sample = torch.arange(cap.shape[0], device=cap.device).unsqueeze(1).expand_as(tmask)[tmask]
         nll_sum = torch.zeros(cap.shape[0], device=nll.device, dtype=torch.float32).index_add(0, sample, nll)
@@ -497,13 +551,29 @@ class VladVA(nn.Module):
             B decoded strings.
         """
         tok = tokenizer or getattr(self, "tokenizer", None)
+        new = self.generate_tokens(image, prompt, tok, max_new_tokens, **generate_kwargs)
+        return [tok.decode(row) for row in new]
+
+    @torch.no_grad()
+    def generate_tokens(self, image: torch.Tensor, prompt: str | Sequence[str] = "Describe the image.",
+                        tokenizer: VladVATokenizer | None = None, max_new_tokens: int = 32,
+                        **generate_kwargs) -> torch.Tensor:
+        """:meth:`generate` before decoding: the new token ids ``[B, N]`` (``N <= max_new_tokens``; a row that
+        ended early is filled with ``pad_token_id`` after its EOS), for callers that count tokens or need to know
+        whether a row stopped at EOS."""
+        tok = tokenizer or getattr(self, "tokenizer", None)
         if tok is None:
             raise ValueError("generate needs the tokenizer: pass tokenizer=open_clip.get_tokenizer(name)")
         image = self._check_image(image)
         prompts = [prompt] * image.shape[0] if isinstance(prompt, str) else list(prompt)
         if len(prompts) != image.shape[0]:
             raise ValueError(f"got {len(prompts)} prompts for {image.shape[0]} images")
-        rows = [self._image_split(tok, p).ids for p in prompts]
+        splits = [self._image_split(tok, p) for p in prompts]
+        rows = [s.ids for s in splits]
+        sizes = self.backbone.image_sizes(self.lvlm.config, image)
+        if sizes is not None:  # each image's own number of image tokens
+            counts = [self.backbone.num_image_tokens(self.lvlm.config, hw) for hw in sizes]
+            rows = [s.prefix + self._image_body(n) + s.prompt + s.post for s, n in zip(splits, counts)]
         width = max(len(r) for r in rows)
         # Left padding: generation appends at the end of every row.
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -516,7 +586,7 @@ class VladVA(nn.Module):
         generate_kwargs.setdefault("do_sample", False)
         out = self.lvlm.generate(**kwargs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **generate_kwargs)
-        return [tok.decode(row[width:]) for row in out]
+        return out[:, width:]
 
 
 def length_groups(lengths: list[int], fixed: int, max_groups: int, min_saving: float = 0.05) -> list[list[int]]:
@@ -526,8 +596,8 @@ def length_groups(lengths: list[int], fixed: int, max_groups: int, min_saving: f
     ``min_saving`` of the tokens: every extra group is one more, smaller, language-model call.
 
     Args:
-        lengths: caption tokens per row.
-        fixed: tokens every row has besides its caption (image part, EOS).
+        lengths: tokens per row that vary (the caption, or the caption plus the row's own image part).
+        fixed: tokens every row has besides ``lengths`` (the image part when it is the same for all rows, EOS).
         max_groups: the most groups.
     """
     n = len(lengths)

@@ -184,6 +184,10 @@ def encode_images_with_prompts(model: nn.Module, views: Sequence[nn.Module], pix
     """
     if not views:
         return []
+    if model.backbone.variable_image_tokens:
+        # Each image has its own number of image tokens (LLaVA-NeXT): no prefix is shared across a batch, so every
+        # view runs its own encode_image (the reference path).
+        return [v.encode_image(pixels).float() for v in views]
     feats = image_features(model, pixels)
     b = feats.shape[0]
     emb = model.embedding

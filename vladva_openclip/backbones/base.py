@@ -51,6 +51,9 @@ class Backbone:
     name: str = ""
     model_class_name: str = ""  # attribute of ``transformers``
     model_types: tuple[str, ...] = ()  # config.json ``model_type`` values of checkpoints this family loads
+    # True when the number of image tokens depends on each image (LLaVA-NeXT's anyres tiles): the model then
+    # assembles right-padded image rows of their own lengths (see VladVA._image_rows).
+    variable_image_tokens: bool = False
 
     # ---- construction -------------------------------------------------------------------------------------
     def model_class(self) -> type[nn.Module]:
@@ -163,9 +166,23 @@ class Backbone:
     def check_image_size(self, config, image_size: int) -> None:
         """Raise ValueError when an image side is not supported by the family."""
 
+    def input_size(self, config, image_size: int) -> tuple[int, int]:
+        """``(height, width)`` of the image tensors ``encode_image`` takes (the preprocess transform's output)."""
+        return image_size, image_size
+
     def image_features(self, lvlm: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B,3,H,W]`` (normalised) -> projected vision features ``[B, N, H_llm]``."""
         raise NotImplementedError
+
+    def image_batch(self, lvlm: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixels`` -> (features ``[B, N_max, H_llm]``, right-padded, and the count of each image ``[B]``).
+        Fixed-count families: every count is ``N``."""
+        feats = self.image_features(lvlm, pixels)
+        return feats, torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long, device=feats.device)
+
+    def image_sizes(self, config, pixels: torch.Tensor) -> list[tuple[int, int]] | None:
+        """Original ``(height, width)`` of each image where the token count depends on it; None otherwise."""
+        return None
 
     def position_ids(
         self, lvlm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, image_size: int | None
