@@ -1,7 +1,9 @@
 """The image + AR pass by caption-length groups: the same features, NLL sums and gradients as one batch padded to
 its longest caption, with fewer tokens through the language model."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import perturb_trainables
 
 from vladva_openclip.model import length_groups
@@ -27,19 +29,22 @@ def test_length_groups_are_optimal_partitions_of_the_sorted_rows():
     assert length_groups([10, 10, 9, 10], fixed, max_groups=4) == [[0, 1, 2, 3]]  # saving < 5 %: one call
 
 
-@pytest.mark.parametrize("name", ["vladva-tiny-llava", "vladva-tiny-qwen2vl"])
+@pytest.mark.parametrize("name", ["vladva-tiny-llava", "vladva-tiny-qwen2vl", "vladva-tiny-llavanext"])
 def test_grouped_pass_equals_one_padded_batch(name):
     import open_clip
 
-    model = open_clip.create_model(name)
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
     perturb_trainables(model)
     model.train()
     tok = open_clip.get_tokenizer(name)
     words = [2, 30, 0, 25, 4, 12]  # very different long-caption lengths, one row without a long caption
     long = tok.long_captions([" ".join(["red square near a blue circle"] * n)[: 6 * n] for n in words],
                              context_length=64)
-    s = model.cfg.image_size
-    images = torch.randn(len(words), 3, s, s, generator=torch.Generator().manual_seed(0))
+    # photos of different shapes: LLaVA-NeXT gives each its own number of image tokens
+    gen = np.random.default_rng(0)
+    sizes = [(64, 64), (128, 64), (64, 160), (96, 96), (200, 64), (64, 64)]
+    images = torch.stack([preprocess(Image.fromarray(gen.integers(0, 255, (h, w, 3), dtype=np.uint8)))
+                          for w, h in sizes])
 
     def run(groups):
         model.zero_grad(set_to_none=True)
@@ -57,6 +62,7 @@ def test_grouped_pass_equals_one_padded_batch(name):
     for n in ref[3]:
         err = float((got[3][n] - ref[3][n]).abs().max() / (ref[3][n].abs().max() + 1e-12))
         assert err < 1e-4, (n, err)
-    lengths = (long != model.pad_token_id).sum(1).tolist()
-    t_img = len(model.image_input_ids())
-    assert len(length_groups(lengths, t_img + 1, 4)) > 1  # the test really took the grouped path
+    with torch.no_grad():
+        img_len = model._image_rows(model._check_image(images))[2].sum(1)
+    lengths = (long != model.pad_token_id).sum(1)
+    assert len(length_groups((img_len + lengths).tolist(), 1, 4)) > 1  # the test really took the grouped path

@@ -150,7 +150,7 @@ def _plan(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # only configs and tokenizers are read; never wait on the network
-    _setup_logging(quiet=True)
+    setup_cli_logging(True)
     from .plan import plan
     from .registry import is_vladva_name, list_vladva_models
 
