@@ -116,5 +116,5 @@ def test_plan_cli_prints_the_breakdown_and_refuses_unknown_names():
     report = json.loads(ok.stdout)
     assert report["batch_size"] == 4 and report["fits"] and report["max_batch_size"] > 4
     bad = subprocess.run(cmd + ["vladva-nope"], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and "not a registered VladVA model" in bad.stderr
+    assert bad.returncode == 2 and "vladva-nope" in bad.stderr and "vladva-tiny-llava" in bad.stderr
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
