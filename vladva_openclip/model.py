@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from .ar import caption_targets, token_nll
 from .backbones import Backbone, get_backbone
+from .backbones.base import VisionOutput, hw
 from .config import VladVAConfig
 from .kernels import last_token_pool
 from .prompts import ModalityPrompt
@@ -30,6 +32,27 @@ _logger = logging.getLogger(__name__)
 class VisualInfo(SimpleNamespace):
     """What open_clip reads from ``model.visual`` (image size, preprocess config). Deliberately not a Module:
     registering the vision tower a second time would duplicate its keys in ``state_dict``."""
+
+
+@dataclass
+class ImageSequence:
+    """The image tower's input for a batch, right padded.
+
+    Attributes:
+        embeds: ``[B, T, H]`` input embeddings (image slots filled with vision features).
+        ids: ``[B, T]`` token ids (pad past ``mask``).
+        mask: ``[B, T]`` 1 for real tokens (all ones when every image has the same size).
+        slots: ``[B, T]`` bool, the image-token slots.
+        sizes: ``(height, width)`` of each row's image.
+        vision: the vision side's output (its per-layer features are injected where the family needs them).
+    """
+
+    embeds: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    slots: torch.Tensor
+    sizes: list[tuple[int, int]]
+    vision: VisionOutput
 
 
 class VladVA(nn.Module):
@@ -155,21 +178,65 @@ class VladVA(nn.Module):
         return self.embedding.weight.device
 
     # ---- input checks -------------------------------------------------------------------------------------
-    def _check_image(self, image: torch.Tensor) -> torch.Tensor:
+    def _check_image(self, image: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The images on the model's device and dtype: a ``[B,3,H,W]`` tensor, or (dynamic-resolution families, images
+        of different sizes) a list of ``[3,H_i,W_i]`` tensors. A list of one size becomes a tensor."""
+        size = self.cfg.image_size
+        if isinstance(image, (list, tuple)):
+            if not image:
+                return torch.zeros(0, 3, size, size, device=self.device, dtype=self.base_dtype)
+            items = [self._check_one_image(im) for im in image]
+            if len({tuple(im.shape) for im in items}) == 1:
+                return self._check_image(torch.stack(items))
+            if not self.backbone.dynamic_resolution:
+                raise ValueError(f"{self.backbone.describe()} takes one image size ({size}x{size}); got a list of "
+                                 f"images of different sizes; use the model's preprocess transform")
+            for im in items:
+                self._check_size(im.shape[-2:])
+            return [im.to(device=self.device, dtype=self.base_dtype) for im in items]
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"image must be a torch.Tensor [B,3,H,W], got {type(image).__name__}; "
                             f"apply the model's preprocess transform to PIL images first")
-        size = self.cfg.image_size
         if image.dim() == 3:
             raise ValueError(f"image must be batched [B,3,{size},{size}], got {tuple(image.shape)}; "
                              f"use image.unsqueeze(0) for a single image")
-        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (size, size):
+        if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"image must have shape [B,3,{size},{size}] (the model's preprocess output), "
                              f"got {tuple(image.shape)}")
+        self._check_float(image)
+        if image.shape[0]:
+            self._check_size(image.shape[-2:])
+        return image.to(device=self.device, dtype=self.base_dtype)
+
+    def _check_one_image(self, image) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"each image of a list must be a [3,H,W] torch.Tensor (the model's preprocess output), "
+                            f"got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"each image of a list must be a [3,H,W] tensor (the model's preprocess output), got "
+                             f"{tuple(image.shape)}")
+        return self._check_float(image)
+
+    @staticmethod
+    def _check_float(image: torch.Tensor) -> torch.Tensor:
         if not image.is_floating_point():
             raise TypeError(f"image must be a float tensor normalised by the model's preprocess, got {image.dtype}; "
                             f"uint8 images need the preprocess transform (ToTensor + Normalize)")
-        return image.to(device=self.device, dtype=self.base_dtype)
+        return image
+
+    def _check_size(self, hw_: Sequence[int]) -> None:
+        size = self.cfg.image_size
+        h, w = int(hw_[0]), int(hw_[1])
+        if (h, w) == (size, size):
+            return
+        if not self.backbone.dynamic_resolution:
+            raise ValueError(f"image must have shape [B,3,{size},{size}] (the model's preprocess output), "
+                             f"got [*,3,{h},{w}]")
+        try:
+            self.backbone.check_image_size(self.lvlm.config, (h, w))
+        except ValueError as err:
+            raise ValueError(f"image of {h}x{w} pixels: {err}; resize it (the model's preprocess gives "
+                             f"{size}x{size})") from None
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
         if not isinstance(text, torch.Tensor) or text.dtype not in (torch.int64, torch.int32):
@@ -185,27 +252,48 @@ class VladVA(nn.Module):
 
     # ---- towers -------------------------------------------------------------------------------------------
     def _run_llm(self, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor | None,
-                 image: bool) -> torch.Tensor:
-        pos = None
+                 image: ImageSequence | None) -> torch.Tensor:
+        """Final-layer hidden states ``[B, T, H]``; ``image`` is the image sequence that starts each row (its
+        sizes decide the positions, its per-layer vision features are injected at its slots), None for text."""
+        pos, extra = None, {}
         if ids is not None:
-            pos = self.backbone.position_ids(self.lvlm, ids, mask, self.cfg.image_size if image else None)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+            pos = self.backbone.position_ids(self.lvlm, ids, mask, image.sizes if image is not None else None)
+        if image is not None and image.vision.layer_tokens:
+            slots = torch.zeros(ids.shape if ids is not None else mask.shape, dtype=torch.bool, device=mask.device)
+            slots[:, : image.slots.shape[1]] = image.slots
+            extra = self.backbone.injection_kwargs(image.vision.layer_tokens, slots)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
+                                  **extra)
         return out.last_hidden_state
 
-    def _image_sequence(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B,3,H,W]`` -> (embeds ``[B, T_img, H]``, ids ``[B, T_img]``); every row has the same length."""
+    def _body_ids(self, size: tuple[int, int]) -> list[int]:
+        if size == (self.cfg.image_size, self.cfg.image_size):
+            return self.image_body_id_list
+        return self.backbone.image_body_ids(self.lvlm.config, size)
+
+    def _image_sequence(self, image: torch.Tensor | list[torch.Tensor]) -> ImageSequence:
+        """Checked images -> the image tower's sequences ``[template | image tokens | prompt]``, right padded (rows
+        differ in length only when the images differ in size)."""
         emb = self.embedding
-        b = image.shape[0]
-        feats = self.backbone.image_features(self.lvlm, image).to(self.base_dtype)
-        body_ids = self.image_body_ids.unsqueeze(0).expand(b, -1)
-        body = emb(body_ids)
-        slots = body_ids == self.backbone.image_token_id(self.lvlm.config)
-        body = body.masked_scatter(slots.unsqueeze(-1), feats)
+        sizes = ([hw(image.shape[-2:])] * image.shape[0] if isinstance(image, torch.Tensor)
+                 else [hw(im.shape[-2:]) for im in image])
+        vision = self.backbone.vision(self.lvlm, image)
+        bodies = [self._body_ids(s) for s in sizes]
+        lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=self.device)
+        body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
+                              device=self.device)
+        for i, r in enumerate(bodies):
+            body_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        real = torch.arange(body_ids.shape[1], device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        slots = (body_ids == self.backbone.image_token_id(self.lvlm.config)) & real
+        body = emb(body_ids).masked_scatter(slots.unsqueeze(-1), vision.tokens.to(self.base_dtype))
         prompt = self.image_prompt
-        lengths = torch.full((b,), body.shape[1], device=body.device, dtype=torch.long)
-        embeds, _ = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
+        embeds, mask = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
         ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
-        return embeds, ids
+        seq_slots, _ = assemble(torch.zeros_like(prompt.prefix_ids, dtype=torch.bool).unsqueeze(0), slots, lengths,
+                                torch.zeros_like(prompt.suffix_ids, dtype=torch.bool).unsqueeze(0))
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id))
+        return ImageSequence(embeds, ids, mask, seq_slots & mask.bool(), sizes, vision)
 
     def _text_sequence(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Caption ids ``[B, L]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``)."""
@@ -239,11 +327,14 @@ class VladVA(nn.Module):
         ids, mask = assemble(prefix, body, lengths, suffix)
         return torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
 
-    def image_input_ids(self) -> torch.Tensor:
-        """``ids [T]`` (CPU LongTensor): the exact ids of the image tower's sequence; the image-token slots are
-        replaced by the projected image features and the soft-prompt slots by the soft vectors."""
+    def image_input_ids(self, image_size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """``ids [T]`` (CPU LongTensor): the exact ids of the image tower's sequence for an image of ``image_size``
+        (a side or ``(height, width)``; default: the model's input size); the image-token slots are replaced by
+        the projected image features and the soft-prompt slots by the soft vectors."""
+        size = hw(image_size if image_size is not None else self.cfg.image_size)
+        self._check_size(size)
         prompt = self.image_prompt
-        return torch.tensor(prompt.prefix_id_list + self.image_body_id_list + prompt.suffix_id_list, dtype=torch.long)
+        return torch.tensor(prompt.prefix_id_list + self._body_ids(size) + prompt.suffix_id_list, dtype=torch.long)
 
     def _empty(self) -> torch.Tensor:
         return torch.zeros(0, self.embed_dim, device=self.device, dtype=torch.float32)
@@ -252,19 +343,21 @@ class VladVA(nn.Module):
         """Image embeddings.
 
         Args:
-            image: ``[B, 3, S, S]`` float, as produced by the model's preprocess transform.
+            image: ``[B, 3, S, S]`` float, as produced by the model's preprocess transform. Dynamic-resolution
+                families (Qwen) also take other sizes (multiples of their patch unit, not necessarily square) and a
+                list of ``[3, H_i, W_i]`` images of different sizes: each image gets its own number of image tokens
+                and its embedding is the one it has alone.
             normalize: L2-normalise the result.
 
         Returns:
             ``[B, D]`` float32, ``D`` = the LLM hidden size.
         """
         image = self._check_image(image)
-        if image.shape[0] == 0:
+        if len(image) == 0:
             return self._empty()
-        embeds, ids = self._image_sequence(image)
-        mask = torch.ones(ids.shape, dtype=torch.long, device=ids.device)
-        hidden = self._run_llm(embeds, mask, ids, image=True)
-        return last_token_pool(hidden, mask, normalize=normalize).float()
+        seq = self._image_sequence(image)
+        hidden = self._run_llm(seq.embeds, seq.mask, seq.ids, image=seq)
+        return last_token_pool(hidden, seq.mask, normalize=normalize).float()
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Text embeddings.
@@ -280,7 +373,7 @@ class VladVA(nn.Module):
         if text.shape[0] == 0:
             return self._empty()
         embeds, ids, mask = self._text_sequence(text)
-        hidden = self._run_llm(embeds, mask, ids, image=False)
+        hidden = self._run_llm(embeds, mask, ids, image=None)
         return last_token_pool(hidden, mask, normalize=normalize).float()
 
     def image_features_and_ar(
@@ -302,9 +395,12 @@ class VladVA(nn.Module):
             (normalised image features ``[B, D]`` fp32, per-sample NLL sums ``[B]`` fp32, token counts ``[B]``).
         """
         image = self._check_image(image)
+        if not isinstance(image, torch.Tensor):
+            raise ValueError("image_features_and_ar takes a batch of one image size [B,3,H,W], not a list of sizes")
         long_caption = self._check_text(long_caption)
         emb = self.embedding
-        img_embeds, img_ids = self._image_sequence(image)
+        seq = self._image_sequence(image)
+        img_embeds, img_ids = seq.embeds, seq.ids
         t_img = img_ids.shape[1]
         lengths = caption_lengths(long_caption, self.pad_token_id)
         # A row filled to the last column holds a caption cut by the tokenizer: no EOS target (never learn to stop
@@ -313,7 +409,7 @@ class VladVA(nn.Module):
         counts = torch.where(lengths > 0, lengths + complete.long(), torch.zeros_like(lengths))
         if not compute_ar or int(lengths.max()) == 0:
             mask = torch.ones(img_ids.shape, dtype=torch.long, device=img_ids.device)
-            hidden = self._run_llm(img_embeds, mask, img_ids, image=True)
+            hidden = self._run_llm(img_embeds, mask, img_ids, image=seq)
             feats = last_token_pool(hidden, mask, normalize=True).float()
             return feats, torch.zeros_like(feats[:, 0]), counts.float()
         cap = long_caption[:, : int(lengths.max())]
@@ -321,7 +417,7 @@ class VladVA(nn.Module):
         # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
         embeds, mask = assemble(img_embeds, emb(cap), lengths, emb(eos))
         ids, _ = assemble(img_ids, cap, lengths, eos)
-        hidden = self._run_llm(embeds, mask, ids, image=True)
+        hidden = self._run_llm(embeds, mask, ids, image=seq)
         feats = F.normalize(hidden[:, t_img - 1].float(), dim=-1)
         targets, tmask = caption_targets(cap, lengths, self.eos_token_id, complete)
         # Position t_img-1+j predicts targets[:, j].
@@ -434,7 +530,7 @@ class VladVA(nn.Module):
         """Caption / answer with the adapters active (the model stays generative).
 
         Args:
-            image: ``[B, 3, S, S]`` preprocessed images.
+            image: ``[B, 3, S, S]`` preprocessed images (dynamic-resolution families: as for ``encode_image``).
             prompt: one instruction for all images, or one per image.
             tokenizer: the model's tokenizer (default: the one it was built with).
             max_new_tokens: generation budget; greedy decoding unless ``generate_kwargs`` say otherwise.
@@ -446,10 +542,14 @@ class VladVA(nn.Module):
         if tok is None:
             raise ValueError("generate needs the tokenizer: pass tokenizer=open_clip.get_tokenizer(name)")
         image = self._check_image(image)
-        prompts = [prompt] * image.shape[0] if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != image.shape[0]:
-            raise ValueError(f"got {len(prompts)} prompts for {image.shape[0]} images")
-        rows = [self._image_split(tok, p).ids for p in prompts]
+        prompts = [prompt] * len(image) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(image):
+            raise ValueError(f"got {len(prompts)} prompts for {len(image)} images")
+        sizes = [hw(im.shape[-2:]) for im in image]
+        rows = []
+        for p, size in zip(prompts, sizes):
+            split = self._image_split(tok, p)  # the image tokens are specials: the body alone follows the size
+            rows.append(split.prefix + self._body_ids(size) + split.prompt + split.post)
         width = max(len(r) for r in rows)
         # Left padding: generation appends at the end of every row.
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,12 +46,37 @@ def get_backbone(name: str) -> Backbone:
         raise ValueError(f"unknown backbone {name!r}; registered backbones: {sorted(BACKBONES)}") from None
 
 
+def hw(image_size: int | tuple[int, int] | torch.Size) -> tuple[int, int]:
+    """``(height, width)`` of a square side or a pair."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+@dataclass
+class VisionOutput:
+    """What the vision side hands the LLM for a batch of images, flattened in image order.
+
+    Attributes:
+        tokens: ``[N_total, H_llm]`` projected features that fill the image-token slots, image after image.
+        layer_tokens: per early LLM layer ``i``, ``[N_total, H_llm]`` features added to that layer's output at the
+            image slots (Qwen3-VL's DeepStack); empty for families that only fill the slots.
+    """
+
+    tokens: torch.Tensor
+    layer_tokens: list[torch.Tensor] = field(default_factory=list)
+
+
 class Backbone:
     """Interface of one LVLM family. Subclasses set the class attributes and implement the abstract methods."""
 
     name: str = ""
     model_class_name: str = ""  # attribute of ``transformers``
     model_types: tuple[str, ...] = ()  # config.json ``model_type`` values of checkpoints this family loads
+    # True when the vision tower takes any image size its check_image_size allows (and per-image sizes within one
+    # batch, as a list of [3, H, W] tensors): the number of image tokens then follows each image's size.
+    dynamic_resolution: bool = False
 
     # ---- construction -------------------------------------------------------------------------------------
     def model_class(self) -> type[nn.Module]:
@@ -166,6 +192,21 @@ class Backbone:
     def image_features(self, lvlm: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B,3,H,W]`` (normalised) -> projected vision features ``[B, N, H_llm]``."""
         raise NotImplementedError
+
+    def vision(self, lvlm: nn.Module, images: torch.Tensor | list[torch.Tensor]) -> VisionOutput:
+        """Everything the vision side gives the LLM for ``images`` (``[B,3,H,W]``, or a list of ``[3,H_i,W_i]``
+        for dynamic-resolution families); the default is :meth:`image_features`, flattened."""
+        if isinstance(images, (list, tuple)):
+            images = torch.stack(list(images))
+        feats = self.image_features(lvlm, images)
+        return VisionOutput(feats.reshape(-1, feats.shape[-1]))
+
+    def injection_kwargs(self, layer_tokens: list[torch.Tensor], slots: torch.Tensor) -> dict[str, Any]:
+        """Language-model keyword arguments carrying :attr:`VisionOutput.layer_tokens` into the LLM's early layers,
+        given the image-slot mask ``slots [B, T]`` of the sequence; ``{}`` when there are none."""
+        if layer_tokens:
+            raise NotImplementedError(f"{self.name} produced per-layer visual features but cannot inject them")
+        return {}
 
     def position_ids(
         self, lvlm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, image_size: int | None
