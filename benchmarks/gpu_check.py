@@ -229,8 +229,9 @@ def gpu_present() -> bool:
 
 
 def make_shim(site: Path) -> None:
-    """``site/vladva_openclip``: the package's files linked one by one, plus ``kernels`` -> the repo's kernels/, the
-    layout ``pip install -e .`` gives (pyproject maps kernels/ to vladva_openclip.kernels), without pip."""
+    """``site/vladva_openclip``: the package's files linked one by one, the layout ``pip install -e .`` gives,
+    without pip. ``vladva_openclip.kernels`` comes from the checkout's kernels/vladva_kernels/ (the package attaches
+    it at import, see vladva_openclip/_checkout.py), as in any uninstalled copy of the repo."""
     pkg = site / "vladva_openclip"
     if pkg.is_symlink() or pkg.is_file():
         pkg.unlink()
@@ -240,7 +241,6 @@ def make_shim(site: Path) -> None:
     for entry in (REPO / "vladva_openclip").iterdir():
         if entry.name != "__pycache__":
             (pkg / entry.name).symlink_to(entry)
-    (pkg / "kernels").symlink_to(REPO / "kernels")
 
 
 def compatible_wheels(python: str, wheels: list[Path], log: Log, env: dict[str, str]) -> list[Path]:

@@ -217,7 +217,8 @@ def test_wheel_compatibility_filter(tmp_path):
 @pytest.mark.slow
 def test_project_link_installs_kernels_as_a_subpackage(tmp_path):
     """Where nothing is installed (the GPU machine's image), a directory of links first on PYTHONPATH gives the
-    layout of `pip install -e .`: kernels/ importable as vladva_openclip.kernels, even from the repo root."""
+    layout of `pip install -e .`: kernels/vladva_kernels importable as vladva_openclip.kernels, even from the repo
+    root."""
     gpu_check.make_shim(tmp_path)
     gpu_check.make_shim(tmp_path)  # idempotent: a second run replaces the first
     env = gpu_check.base_env(dry_run=True, site=tmp_path)
@@ -227,8 +228,8 @@ def test_project_link_installs_kernels_as_a_subpackage(tmp_path):
                          timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     pkg_file, kernels_file, name = out.stdout.split()
-    assert pkg_file.startswith(str(tmp_path)) and kernels_file == str(tmp_path / "vladva_openclip" / "kernels" /
-                                                                      "__init__.py")
+    assert pkg_file.startswith(str(tmp_path))
+    assert kernels_file == str(REPO / "kernels" / "vladva_kernels" / "__init__.py")
     assert name == "last_token_pool"
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._checkout import attach_kernels as _attach_kernels
+
+_attach_kernels(__name__)  # before any submodule imports .kernels (see _checkout.py: torch.hub, no shadowing)
+
 from .adapters import AdapterError, load_adapter, save_adapter, save_base
 from .backbones import BaseModelError, WeightsNotFoundError
 from .config import LoraSettings, PromptConfig, TemplateConfig, VladVAConfig
