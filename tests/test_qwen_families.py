@@ -211,3 +211,39 @@ def test_sizes_the_vision_tower_cannot_take_are_one_clear_error(built, family):
     with pytest.raises(ValueError, match="one image size"):
         model.image_features_and_ar([torch.zeros(3, unit, unit), torch.zeros(3, unit, 2 * unit)],
                                     torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["qwen25vl", "qwen3vl"])
+def test_native_transform_is_the_processors_geometry(dirs, built, family):
+    """NativeTransform with the processor's pixel band gives the processor's own pixels (its PIL backend: same
+    smart_resize size, bicubic, rescale, normalise) for photos of any size; encode_image on a list of them equals
+    transformers on the processor's output. The default budget caps the tokens at the square input's."""
+    import copy
+
+    from transformers import AutoImageProcessor
+
+    from vladva_openclip.transforms import NativeTransform
+
+    model, _, hf, processor = built[family]
+    processor = copy.copy(processor)
+    processor.image_processor = AutoImageProcessor.from_pretrained(dirs[family], backend="pil")
+    native = NativeTransform(model, max_pixels="processor")
+    photos = [photo_like(500, 333, seed=5), photo_like(301, 640, seed=6)]
+    pixels = [native(p) for p in photos]
+    refs = []
+    for pil, x in zip(photos, pixels):
+        inputs = processor(images=pil, text=_full(model, "image", BODY), return_tensors="pt")
+        flat, grid = model.backbone._patches(model.lvlm.config, x.unsqueeze(0))
+        assert grid.tolist() == inputs["image_grid_thw"].tolist()
+        torch.testing.assert_close(flat, inputs["pixel_values"], atol=1e-6, rtol=0)
+        with torch.no_grad():
+            refs.append(hf.model(**inputs).last_hidden_state[:, -1].float())
+    with torch.no_grad():
+        ours = model.encode_image(pixels)
+    torch.testing.assert_close(ours, torch.cat(refs), atol=1e-5, rtol=1e-4)
+    budget = NativeTransform(model)
+    square = model.backbone.num_image_tokens(model.lvlm.config, model.cfg.image_size)
+    for pil in photos:
+        h, w = budget(pil).shape[-2:]
+        assert model.backbone.num_image_tokens(model.lvlm.config, (h, w)) <= square
+        assert abs(w / h - pil.width / pil.height) < 0.15  # the aspect ratio is kept
