@@ -247,3 +247,18 @@ def test_native_transform_is_the_processors_geometry(dirs, built, family):
         h, w = budget(pil).shape[-2:]
         assert model.backbone.num_image_tokens(model.lvlm.config, (h, w)) <= square
         assert abs(w / h - pil.width / pil.height) < 0.15  # the aspect ratio is kept
+
+
+
+@pytest.mark.slow  # ~30-40 s each: transformers on four photographs at the processor's resolution
+@pytest.mark.parametrize("family", ["qwen25vl", "qwen3vl"])
+def test_default_resize_mode_is_the_closest_fixed_size_mode(built, family):
+    """The registered fixed-size preprocess is the open_clip mode whose embeddings are closest to transformers' on
+    the processor's output (real photographs of four aspect ratios; benchmarks/bench_qwen_preprocess.py has the
+    figures over three models per family, with the native path beside them)."""
+    from _helpers_layouts import resize_mode_agreement, sample_photos
+
+    model, _, hf, processor = built[family]
+    scores = resize_mode_agreement(model, hf, processor, sample_photos()[:4])
+    means = {mode: sum(v) / len(v) for mode, v in scores.items() if mode != "other_image"}
+    assert model.cfg.resize_mode == max(means, key=means.get), means
