@@ -1,6 +1,11 @@
 """torch.hub entry points, one per registered VladVA model (derived from the registry, never listed by hand).
 
-    model, preprocess_train, preprocess_val = torch.hub.load("<repo or dir>", "vladva_tiny_llava", source="local")
+    model = torch.hub.load("<owner/repo or dir>", "vladva_tiny_llava", pretrained="synth_captioner")
+    model, preprocess_train, preprocess_val = torch.hub.load(..., "vladva_tiny_llava", return_transforms=True)
+    tokenizer = torch.hub.load(..., "tokenizer", "vladva-tiny-llava")
+
+Works from a plain, uninstalled copy of the repo (what ``source="github"`` downloads): the package imports from the
+checkout as it is (vladva_openclip/_checkout.py attaches kernels/vladva_kernels as ``vladva_openclip.kernels``).
 """
 import os as _os
 import sys as _sys

@@ -194,10 +194,12 @@ def test_real_transforms_sizes():
 def test_torch_hub_local_load():
     import vladva_openclip
 
-    model, _, preprocess = torch.hub.load(str(REPO), "vladva_tiny_llava", source="local", trust_repo=True)
-    assert isinstance(model, vladva_openclip.VladVA)
+    model = torch.hub.load(str(REPO), "vladva_tiny_llava", source="local", trust_repo=True)
+    assert isinstance(model, vladva_openclip.VladVA)  # the model, as timm's and dinov2's entries return
+    model, _, preprocess = torch.hub.load(str(REPO), "vladva_tiny_llava", source="local", return_transforms=True)
+    assert isinstance(model, vladva_openclip.VladVA) and callable(preprocess)
     entry_names = set(vladva_openclip.model_entrypoints())
-    assert entry_names == {n.replace("-", "_") for n in vladva_openclip.list_vladva_models()}
+    assert entry_names == {n.replace("-", "_") for n in vladva_openclip.list_vladva_models()} | {"tokenizer"}
     import importlib.util
     spec = importlib.util.spec_from_file_location("_hubconf_under_test", REPO / "hubconf.py")
     hub = importlib.util.module_from_spec(spec)

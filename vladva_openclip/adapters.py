@@ -108,7 +108,7 @@ def save_adapter(model, path: str | os.PathLike, include_base: bool = False, mod
             save_safetensors(_dedupe_shared(base), str(tmp / BASE_FILE))
         (tmp / META_FILE).write_text(json.dumps(adapter_meta(model), indent=2) + "\n")
         if model_card:
-            from .hub import write_hub_files
+            from .hub_files import write_hub_files
 
             write_hub_files(model, tmp, **card)
         _replace_dir(tmp, path)
@@ -287,12 +287,16 @@ def _load_extras(model, extras: dict[str, torch.Tensor], source: str) -> None:
 
 
 def _load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
-    """Load a state dict of trainable tensors (as the trainer saves them), strictly on the trainable keys."""
+    """Load what trains (LoRA, soft prompts, logit_scale) from a state dict: the trainer's trainable-only dict, or a
+    stock open_clip_train checkpoint's full one. The frozen rest of a full dict is checked against this model's
+    base, never loaded (see :func:`_check_frozen`)."""
     mine = model.trainable_state_dict()
     if model.merged:
         raise AdapterError("cannot load an adapter into a model whose LoRA is already merged")
     missing = sorted(set(mine) - set(state))
-    unexpected = sorted(k for k in set(state) - set(mine))
+    extra = set(state) - set(mine)
+    whole = model.state_dict() if extra else {}
+    unexpected = sorted(k for k in extra if k not in whole)
     if missing or unexpected:
         raise AdapterError(f"{source} does not match this model's trainable parameters: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]} (was it trained for another model or prompt setting?)")
@@ -301,3 +305,35 @@ def _load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
             if tuple(state[k].shape) != tuple(p.shape):
                 raise AdapterError(f"{source}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
             p.copy_(state[k])
+    if extra:
+        _check_frozen(source, {k: state[k] for k in extra}, whole)
+
+
+def _check_frozen(source: str, theirs: dict[str, torch.Tensor], ours: dict[str, torch.Tensor]) -> None:
+    """A full checkpoint's frozen tensors against this model's base. They are compared in the lower of the two
+    precisions (a run that trained on a bf16 base and a model built in fp32 hold the same base). A difference is
+    reported, not loaded: VladVA trains only its adapters, so a frozen tensor that differs means another base (or
+    a run that changed it), and the model keeps its own base weights."""
+    differ: list[tuple[str, float]] = []
+    for key in sorted(theirs):
+        t, o = theirs[key], ours[key]
+        if tuple(t.shape) != tuple(o.shape):
+            raise AdapterError(f"{source}: frozen tensor {key} has shape {tuple(t.shape)}, this model's base has "
+                               f"{tuple(o.shape)}; the checkpoint was made for another base model")
+        if o.is_meta or not (t.is_floating_point() and o.is_floating_point()):
+            if not o.is_meta and not torch.equal(t.to(o.device), o):
+                differ.append((key, float("nan")))
+            continue
+        low = t.dtype if t.element_size() <= o.element_size() else o.dtype
+        a, b = t.to(device=o.device, dtype=low), o.detach().to(low)
+        if not torch.equal(a, b):
+            differ.append((key, float((a.float() - b.float()).abs().max())))
+    if differ:
+        shown = ", ".join(f"{k} (max |diff| {d:.3g})" for k, d in differ[:5])
+        _logger.warning(
+            "%s: %d of its %d frozen tensors differ from this model's base: %s%s. Loaded only the trainable part "
+            "(LoRA, soft prompts, logit_scale) and kept the base's own values; if the run trained on another base, "
+            "build the model from it (base_model=DIR or VLADVA_BASE_DIR).", source, len(differ), len(theirs), shown,
+            " ..." if len(differ) > 5 else "")
+    else:
+        _logger.info("%s: full checkpoint; its %d frozen tensors equal this model's base", source, len(theirs))

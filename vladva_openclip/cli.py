@@ -6,11 +6,12 @@ Training and evaluation have their own commands (``vladva-train``, ``vladva-eval
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .cli_logging import setup_cli_logging
 
 
 @dataclass(frozen=True)
@@ -32,19 +33,6 @@ def register(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPar
         COMMANDS[name] = Command(help, add_arguments or (lambda p: None), fn, passthrough)
         return fn
     return wrap
-
-
-def _setup_logging(quiet: bool) -> None:
-    """This package's messages on stderr. Not through the root logger: open_clip_train installs its own root
-    handlers while it trains (its per-step lines), and a second root handler would print every line twice."""
-    logger = logging.getLogger("vladva_openclip")
-    if not any(getattr(h, "_vladva_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler._vladva_cli = True
-        logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    logger.propagate = False
 
 
 # ---- demo ----------------------------------------------------------------------------------------------------
@@ -86,7 +74,7 @@ def _demo_arguments(p: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo.pipeline import preset, run_demo
 
-    _setup_logging(args.quiet)
+    setup_cli_logging(args.quiet)
     keys = ("out", "n_train", "n_test", "epochs", "batch_size", "lr", "clip_lr", "warmup", "seed", "world_seed",
             "threads", "variant", "pretrained", "baseline", "e5v", "generative", "short_captions", "progress")
     cfg = preset(args.preset, **{k: getattr(args, k) for k in keys if getattr(args, k) is not None})
@@ -140,7 +128,7 @@ def _analyze(args: argparse.Namespace) -> int | None:
 def _register_retrieval() -> None:
     from .retrieval.cli import register_commands
 
-    register_commands(register, _setup_logging)
+    register_commands(register, setup_cli_logging)
 
 
 _register_retrieval()

@@ -68,24 +68,46 @@ def _register_shipped() -> None:
 
 
 def model_entrypoints() -> dict[str, Callable[..., Any]]:
-    """One torch.hub-style entry point per registered name (``vladva-tiny-llava`` -> ``vladva_tiny_llava``)."""
+    """One torch.hub entry point per registered name (``vladva-tiny-llava`` -> ``vladva_tiny_llava``), plus
+    ``tokenizer``.
+
+    Like timm's and dinov2's entries, a model entry returns the model. ``return_transforms=True`` returns
+    open_clip's ``(model, preprocess_train, preprocess_val)`` instead, for CLIP code written around
+    ``create_model_and_transforms``; ``torch.hub.load(repo, "tokenizer", name)`` gives the matching tokenizer.
+    """
 
     def make(name: str) -> Callable[..., Any]:
-        def entry(pretrained: str | None = None, **kwargs: Any):
+        def entry(pretrained: str | None = None, return_transforms: bool = False, **kwargs: Any):
             import open_clip
 
             from . import install
 
             install()
-            return open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+            if return_transforms:
+                return open_clip.create_model_and_transforms(name, pretrained=pretrained, **kwargs)
+            return open_clip.create_model(name, pretrained=pretrained, **kwargs)
 
         entry.__name__ = name.replace("-", "_")
-        entry.__doc__ = (f"``{name}``: returns (model, preprocess_train, preprocess_val) like "
-                         f"open_clip.create_model_and_transforms. Pretrained tags: "
-                         f"{sorted(_PRETRAINED.get(name, {})) or 'none shipped'}.")
+        entry.__doc__ = (f"``{name}``: the VladVA model, as open_clip.create_model({name!r}, pretrained=...) builds "
+                         f"it. Pretrained tags: {sorted(_PRETRAINED.get(name, {})) or 'none shipped'}. "
+                         f"return_transforms=True returns (model, preprocess_train, preprocess_val) like "
+                         f"open_clip.create_model_and_transforms; other keywords go to open_clip "
+                         f"(precision, device, base_model, ...).")
         return entry
 
-    return {name.replace("-", "_"): make(name) for name in list_vladva_models()}
+    def tokenizer(name: str, **kwargs: Any):
+        """The open_clip tokenizer of a VladVA model name: ``torch.hub.load(repo, "tokenizer", "vladva-llava7b")``
+        (keywords go to open_clip.get_tokenizer, e.g. ``base_model=DIR``)."""
+        import open_clip
+
+        from . import install
+
+        install()
+        return open_clip.get_tokenizer(name, **kwargs)
+
+    entries: dict[str, Callable[..., Any]] = {name.replace("-", "_"): make(name) for name in list_vladva_models()}
+    entries["tokenizer"] = tokenizer
+    return entries
 
 
 _register_shipped()

@@ -8,7 +8,7 @@
 * ``contrastive_grad_kernel``: one program per logit tile of a row chunk: recomputes ``s``, forms
   ``G = coef * (P_row [+ P_col] - n_diag * onehot)`` with ``P = exp((s - max) - logsum)``, writes the tile's
   ``sum G * x`` (the ``logit_scale`` gradient) per 64-column unit, and stores ``2^e G`` in the compute dtype. The
-  power of two ``2^e`` (:func:`.contrastive.g_store_scale`) puts the largest possible ``|G|`` at 2^14, so the 16-bit
+  power of two ``2^e`` (:func:`._lse.g_store_scale`) puts the largest possible ``|G|`` at 2^14, so the 16-bit
   copy neither overflows nor underflows whatever N, the scale or the upstream gradient are.
 * ``scaled_matmul_kernel``: ``C (+)= alpha * X @ Y`` with fp32 accumulation and ``alpha = grad * scale / 2^e`` read
   from device memory (no host sync). Per row chunk: ``dA[chunk] = alpha G B`` written in the gradient dtype, and
@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._lse import g_store_scale, merge_stats
 from ._triton_common import (
     DOT_FP32,
     INTERPRET,
@@ -38,7 +39,6 @@ from ._triton_common import (
     logit_block_mk,
     tiles_grid,
 )
-from .contrastive import g_store_scale, merge_stats
 
 CHUNK_ELEMENTS = 1 << 25  # G chunk of the backward: [rows, m] with rows * m <= 32M (64 MiB in bf16)
 COL_PARTIAL_ELEMENTS = 1 << 24  # forward column partials [row_blocks, m] per launch (64 MiB fp32)

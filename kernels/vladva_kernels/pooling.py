@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._dispatch import OpRegistry, interpreter_only_reasons, no_reasons, triton_reasons
-
-NORM_EPS = 1e-12  # as F.normalize
+from ._pool_index import NORM_EPS, _last_index
 
 
 def _check_inputs(hidden: Tensor, mask: Tensor) -> None:
@@ -40,14 +39,6 @@ def _raise_empty_rows(idx: Tensor) -> None:
         more = f" (and {empty.numel() - 8} more)" if empty.numel() > 8 else ""
         raise ValueError(f"mask rows {rows}{more} have no nonzero entry, so there is no last token to pool; "
                          "every sequence needs at least one attended token")
-
-
-def _last_index(mask: Tensor) -> Tensor:
-    """[B, T] -> [B] int64: the highest position with a nonzero entry, -1 for an all-zero row (no host sync)."""
-    if mask.shape[1] == 0:
-        return torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
-    positions = torch.arange(mask.shape[1], device=mask.device)
-    return torch.where(mask != 0, positions, -1).amax(dim=1)
 
 
 def last_token_index(mask: Tensor) -> Tensor:

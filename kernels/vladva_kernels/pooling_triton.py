@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._pool_index import NORM_EPS
+from ._pool_index import _last_index as _last_index_torch
 from ._triton_common import INTERPRET, cast_rtne, device_guard, launch, next_pow2
-from .pooling import NORM_EPS
-from .pooling import _last_index as _last_index_torch
 
 
 @triton.jit

@@ -300,19 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging(quiet: bool) -> None:
-    from ..cli import _setup_logging as setup
-
-    setup(quiet)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from ..cli_logging import setup_cli_logging
     from ..eval.errors import EvalDataError
     from .models import ModelBuildError
     from .prompt_sets import PromptFileError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    _setup_logging(getattr(args, "quiet", False))
+    setup_cli_logging(getattr(args, "quiet", False))
     try:
         return int(SUBCOMMANDS[args.analysis].run(args) or 0)
     except (PromptFileError, ModelBuildError, EvalDataError, FileNotFoundError, IndexError, ValueError,

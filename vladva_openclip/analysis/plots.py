@@ -2,19 +2,45 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from .outputs import save_figure
 
-if TYPE_CHECKING:
-    from .attention import AttentionResult
-    from .next_token import NextTokenResult
-    from .prompt_search import PromptSearchResult
-    from .retention import RetentionResult
+
+# What each figure reads, as structural types: the analyses' result classes satisfy them, and this module never
+# imports the modules that call it (they import it lazily, only when plotting).
+class PromptSearchData(Protocol):
+    rows: Sequence[Any]  # .index, .{image,text}_entropy, .{image,text}_cev, .t2i_r1, .i2t_r1
+    ranked: Sequence[Any]
+    correlations: Mapping[str, Any]
+
+
+class NextTokenData(Protocol):
+    inputs: Sequence[Any]  # .key, .title
+    models: Sequence[str]
+    top: Mapping[str, Mapping[str, Sequence[Any]]]  # model -> input key -> [.token, .prob]
+    entropy: Mapping[str, Mapping[str, float]]
+
+
+class AttentionData(Protocol):
+    layers: Sequence[int]
+    heads: Sequence[int]
+    models: Sequence[str]
+    images: Sequence[Any]  # PIL images
+    maps: Mapping[str, torch.Tensor]  # model -> [n_images, n_layers, n_heads, rows, cols]
+    grid: Any  # .rows, .cols
+    head_entropy: Mapping[str, torch.Tensor]  # model -> [n_layers, n_heads]
+    max_entropy: float
+
+
+class RetentionData(Protocol):
+    models: Sequence[str]
+    fact_metrics: Sequence[str]
+    summary: Mapping[str, Mapping[str, Any]]
 
 __all__ = ["plot_attention_entropy", "plot_attention_maps", "plot_cumulative_variance", "plot_next_tokens",
            "plot_prompt_entropy", "plot_retention", "plot_retrieval_by_entropy"]
@@ -30,7 +56,7 @@ def _plt():
 
 
 # ---- prompts (Figs. 2, 3, 5) -------------------------------------------------------------------------------
-def plot_prompt_entropy(result: PromptSearchResult, path: str | os.PathLike) -> Path:
+def plot_prompt_entropy(result: PromptSearchData, path: str | os.PathLike) -> Path:
     """Fig. 2: mean next-token entropy at the summary position per candidate, images and captions, sorted."""
     plt = _plt()
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.18 * len(result.rows) + 2), 5.5), sharex=False)
@@ -47,7 +73,7 @@ def plot_prompt_entropy(result: PromptSearchResult, path: str | os.PathLike) -> 
     return save_figure(fig, path)
 
 
-def plot_cumulative_variance(result: PromptSearchResult, path: str | os.PathLike) -> Path:
+def plot_cumulative_variance(result: PromptSearchData, path: str | os.PathLike) -> Path:
     """Fig. 3: cumulative explained variance of the embedding matrix per candidate, coloured by its entropy."""
     plt = _plt()
     from matplotlib import cm, colors
@@ -72,7 +98,7 @@ def plot_cumulative_variance(result: PromptSearchResult, path: str | os.PathLike
     return save_figure(fig, path)
 
 
-def plot_retrieval_by_entropy(result: PromptSearchResult, path: str | os.PathLike) -> Path:
+def plot_retrieval_by_entropy(result: PromptSearchData, path: str | os.PathLike) -> Path:
     """Fig. 5: R@1 both ways over the candidates ordered by entropy (mean of image and caption entropy)."""
     plt = _plt()
     rows = sorted(result.rows, key=lambda r: (r.image_entropy + r.text_entropy) / 2)
@@ -98,7 +124,7 @@ def plot_retrieval_by_entropy(result: PromptSearchResult, path: str | os.PathLik
 
 
 # ---- next tokens (Fig. 4) ----------------------------------------------------------------------------------
-def plot_next_tokens(result: NextTokenResult, path: str | os.PathLike, max_inputs: int = 6) -> Path:
+def plot_next_tokens(result: NextTokenData, path: str | os.PathLike, max_inputs: int = 6) -> Path:
     """Fig. 4: top-k next tokens per input (rows) and model (columns) as horizontal bars."""
     plt = _plt()
     inputs = result.inputs[:max_inputs]
@@ -127,7 +153,7 @@ def plot_next_tokens(result: NextTokenResult, path: str | os.PathLike, max_input
 
 
 # ---- attention (Fig. 6) ------------------------------------------------------------------------------------
-def plot_attention_maps(result: AttentionResult, image_index: int, path: str | os.PathLike,
+def plot_attention_maps(result: AttentionData, image_index: int, path: str | os.PathLike,
                         layers: Sequence[int] | None = None, heads: Sequence[int] | None = None) -> Path:
     """Fig. 6: the summary token's attention over the image tokens, laid over the image.
 
@@ -168,7 +194,7 @@ def plot_attention_maps(result: AttentionResult, image_index: int, path: str | o
     return save_figure(fig, path)
 
 
-def plot_attention_entropy(result: AttentionResult, path: str | os.PathLike) -> Path:
+def plot_attention_entropy(result: AttentionData, path: str | os.PathLike) -> Path:
     """Per-head entropy of the summary token's attention over the image tokens, one bar per model."""
     plt = _plt()
     labels = [f"L{layer}H{head}" for layer in result.layers for head in result.heads]
@@ -188,7 +214,7 @@ def plot_attention_entropy(result: AttentionResult, path: str | os.PathLike) -> 
 
 
 # ---- retention (Fig. 7) ------------------------------------------------------------------------------------
-def plot_retention(result: RetentionResult, path: str | os.PathLike) -> Path:
+def plot_retention(result: RetentionData, path: str | os.PathLike) -> Path:
     """Fig. 7 in numbers: fact precision/recall of the generated captions and the NLL of the references."""
     plt = _plt()
     models = result.models

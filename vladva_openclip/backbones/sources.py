@@ -14,10 +14,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .base import Backbone
+
+class Backbone(Protocol):
+    """What the checks here read of a backbone (:class:`.base.Backbone` satisfies it; base.py imports this module)."""
+
+    name: str
+    model_types: Sequence[str]
+    model_class_name: str
 
 CONFIG_FILE = "config.json"
 # Weight files transformers' from_pretrained reads, in its order of preference (safetensors first).

@@ -21,7 +21,7 @@ from .errors import UnreadableImageError, UnreadableImagesError
 from .generative import GenerativeConfig, GenerativeScorer, check_generative_tasks, run_generative
 from .images import ImageSet, unreadable_images
 from .report import Report
-from .tasks import Task, build_task
+from .tasks import Task, prepare_tasks
 
 __all__ = [
     "ModelLoadError",
@@ -93,20 +93,6 @@ def load_model(spec: ModelSpec, *, device: str | torch.device = "cpu",
     model, _, preprocess = open_clip.create_model_and_transforms(
         spec.name, pretrained=spec.pretrained, precision=model_precision(precision), device=device)
     return model.eval(), preprocess, open_clip.get_tokenizer(spec.name)
-
-
-def prepare_tasks(tasks: Sequence[Task | Mapping[str, Any]]) -> list[Task]:
-    """Build tasks and read all their data up front, so bad input fails before any model runs."""
-    built = [build_task(t) for t in tasks]
-    if not built:
-        raise ValueError("no tasks given")
-    names = [t.name for t in built]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"several tasks are named {dupes}: give each a distinct name")
-    for t in built:
-        t.prepare()
-    return built
 
 
 def _rerun_without_unreadable(task: Task, embedder: Embedder,

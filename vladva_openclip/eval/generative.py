@@ -37,6 +37,7 @@ from ..progress import progress as tqdm
 from . import metrics as M
 from .data_compositional import SUGARCREPE_SUBSETS, CaptionSetData, WinogroundData
 from .images import ImageSet
+from .tasks import prepare_tasks
 
 __all__ = ["GENERATIVE_TASKS", "REDUCTIONS", "GenerativeConfig", "GenerativeScorer", "evaluate_generative"]
 
@@ -193,8 +194,6 @@ def evaluate_generative(model: torch.nn.Module, preprocess: Callable, tokenizer:
                         progress: bool = True) -> dict[str, dict[str, Any]]:
     """Generative scoring of a built VladVA model on pair tasks (``{"task": type, ...}`` dicts or Task objects):
     ``{task name: {"task", "name", "metrics", "info", "seconds"}}``."""
-    from .api import prepare_tasks
-
     scorer = GenerativeScorer(model, preprocess, tokenizer, GenerativeConfig(
         batch_size=batch_size, reduction=reduction, max_caption_len=max_caption_len, progress=progress),
         device=device)

@@ -381,3 +381,17 @@ class ZeroShotClassificationTask(Task):
     def columns(cls, results: Sequence[Mapping[str, Any]]) -> list[Column]:
         present = {k for r in results for k in r["metrics"]}
         return [Column(h, (k,)) for h, k in (("Top-1", "top1"), ("Top-5", "top5")) if k in present]
+
+
+def prepare_tasks(tasks: Sequence[Task | Mapping[str, Any]]) -> list[Task]:
+    """Build tasks and read all their data up front, so bad input fails before any model runs."""
+    built = [build_task(t) for t in tasks]
+    if not built:
+        raise ValueError("no tasks given")
+    names = [t.name for t in built]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"several tasks are named {dupes}: give each a distinct name")
+    for t in built:
+        t.prepare()
+    return built

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .config import CONVERSE, WorldConfig
+from .config import CONVERSE, LONG_STYLE_NAMES, SHORT_STYLE_NAMES, WorldConfig
 from .scene import Scene, SceneObject
 
 # Relation word -> surface phrasings (index = CaptionSpec.rel_variant). The parser accepts all of them.
@@ -300,3 +300,6 @@ def compact_long_caption(scene: Scene, config: WorldConfig, rng: random.Random) 
 LongStyle = Callable[[Scene, WorldConfig, random.Random], str]
 #: long-caption style name -> writer (``WorldConfig.long_captions``)
 LONG_STYLES: dict[str, LongStyle] = {"full": long_caption, "compact": compact_long_caption}
+if tuple(SHORT_STYLES) != SHORT_STYLE_NAMES or tuple(LONG_STYLES) != LONG_STYLE_NAMES:  # pragma: no cover
+    raise ImportError("synth/config.py's SHORT_STYLE_NAMES / LONG_STYLE_NAMES must name the styles captions.py "
+                      f"implements: {tuple(SHORT_STYLES)} / {tuple(LONG_STYLES)}")

@@ -49,6 +49,12 @@ DEFAULT_HELDOUT: tuple[tuple[str, str], ...] = (
 SPLITS: tuple[str, ...] = ("train", "test")
 
 
+#: the caption styles captions.py implements (it checks at import that its SHORT_STYLES / LONG_STYLES have exactly
+#: these keys); named here so that validating a config does not import the caption generators
+SHORT_STYLE_NAMES = ("detailed", "coarse")
+LONG_STYLE_NAMES = ("full", "compact")
+
+
 @dataclass(frozen=True)
 class WorldConfig:
     """Vocabulary, image size and layout of the synthetic world.
@@ -128,10 +134,8 @@ class WorldConfig:
                 raise ValueError(f"every colour of {shape!r} is held out; the train split could not contain it")
         if self.captions_per_image < 1:
             raise ValueError(f"captions_per_image must be >= 1, got {self.captions_per_image}")
-        from .captions import LONG_STYLES, SHORT_STYLES  # (captions.py imports this module)
-
-        for what, value, known in (("short_captions", self.short_captions, SHORT_STYLES),
-                                   ("long_captions", self.long_captions, LONG_STYLES)):
+        for what, value, known in (("short_captions", self.short_captions, SHORT_STYLE_NAMES),
+                                   ("long_captions", self.long_captions, LONG_STYLE_NAMES)):
             if value not in known:
                 raise ValueError(f"{what}={value!r} is not a caption style; known: {', '.join(known)}")
 

@@ -25,14 +25,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 from open_clip_train.data import DataInfo, SharedEpoch, get_imagenet
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset
 
 from ..synth import World, WorldConfig
 from ._common import (
@@ -49,6 +47,7 @@ from ._common import (
     seeded_transform,
 )
 from ._wds import build_wds_loader
+from .loader import VladVADataInfo, _arg, _map_loader, make_packer
 
 _logger = logging.getLogger(__name__)
 
@@ -67,46 +66,7 @@ __all__ = [
     "resolve_dataset_type",
 ]
 
-# Defaults of the flags VladVA's trainer adds; getattr with these keeps plain open_clip namespaces working.
-ARG_DEFAULTS = {
-    "long_caption_key": "long_caption",
-    "wds_caption_key": "txt",
-    "wds_long_caption_key": "long.txt",
-    "max_short_len": 32,
-    "max_long_len": 128,
-    "synthetic_size": 256,
-    "synthetic_image_size": 64,
-    "csv_img_key": "filepath",
-    "csv_caption_key": "title",
-    "csv_separator": "\t",
-    "csv_encoding": "utf-8",
-}
 MAX_CONSECUTIVE_SKIPS = 64
-
-
-def _arg(args, name: str):
-    value = getattr(args, name, None)
-    return ARG_DEFAULTS.get(name) if value is None else value
-
-
-@dataclass
-class VladVADataInfo(DataInfo):
-    """open_clip's DataInfo plus ``skips``: the running count of skipped samples (``skips.value``)."""
-
-    skips: SkipCounter | None = None
-
-    def skip_report(self) -> int:
-        """Log how many samples have been skipped so far (bad images); returns that count."""
-        total = self.skips.value if self.skips is not None else 0
-        if total:
-            _logger.warning("%s data: %d samples skipped so far (missing or corrupt images; see earlier warnings)",
-                            self.skips.name, total)
-        return total
-
-
-def make_packer(args, tokenizer) -> CaptionPacker:
-    return CaptionPacker(tokenizer, int(_arg(args, "max_short_len")), int(_arg(args, "max_long_len")),
-                         pair_text=bool(getattr(args, "text_pairs", False)))
 
 
 # ------------------------------------------------------------------------------------------------ table (CSV/TSV)
@@ -213,31 +173,6 @@ class SyntheticWorldDataset(Dataset):
 
 
 # ------------------------------------------------------------------------------------------------ builders
-
-def _map_loader(args, dataset: Dataset, is_train: bool, skips: SkipCounter, epoch: int) -> VladVADataInfo:
-    """DataLoader with a seeded DistributedSampler for training (one replica when not distributed), and a
-    SharedEpoch that the dataset reads to seed each sample's augmentation."""
-    sampler = None
-    shared_epoch = SharedEpoch(epoch) if is_train else None
-    dataset.shared_epoch = shared_epoch
-    if is_train:
-        world_size = int(getattr(args, "world_size", 1) or 1) if getattr(args, "distributed", False) else 1
-        rank = int(getattr(args, "rank", 0) or 0) if world_size > 1 else 0
-        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                     seed=int(getattr(args, "seed", 0) or 0), drop_last=True)
-        sampler.set_epoch(epoch)
-    loader = DataLoader(
-        dataset, batch_size=int(args.batch_size), shuffle=False, sampler=sampler,
-        num_workers=int(getattr(args, "workers", 0) or 0), pin_memory=torch.cuda.is_available(), drop_last=is_train,
-    )
-    loader.num_samples = len(dataset)
-    loader.num_batches = len(loader)
-    if is_train and loader.num_batches == 0:
-        raise ValueError(
-            f"{len(dataset)} training samples make no full batch of {args.batch_size} per rank; lower --batch-size"
-        )
-    return VladVADataInfo(dataloader=loader, sampler=sampler, shared_epoch=shared_epoch, skips=skips)
-
 
 def get_csv_dataset(args, preprocess_fn, is_train: bool, epoch: int = 0, tokenizer=None) -> VladVADataInfo:
     path = args.train_data if is_train else args.val_data

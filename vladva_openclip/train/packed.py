@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 from .._fs import save_safetensors, write_atomically
 from ..progress import progress as tqdm
 from ._common import CaptionPacker, SkipCounter, TrainInputError, sample_seed, seeded_transform
+from .loader import _map_loader, make_packer
 
 _logger = logging.getLogger(__name__)
 
@@ -150,8 +151,6 @@ class PackedTableDataset(Dataset):
 
 def get_packed_dataset(args, preprocess_fn, is_train: bool, epoch: int = 0, tokenizer=None):
     """open_clip_train's dataset-builder contract for a packed table (``--train-data`` / ``--val-data``)."""
-    from .data import _map_loader, make_packer
-
     path = args.train_data if is_train else args.val_data
     dataset = PackedTableDataset(path, preprocess_fn, make_packer(args, tokenizer),
                                  seed=int(getattr(args, "seed", 0) or 0))
