@@ -139,3 +139,18 @@ def test_caption_generate_with_one_and_several_image_sizes(name):
     alone = model.generate(one, "Describe the image.", max_new_tokens=4)
     with_other = model.generate([one[0], torch.randn(3, unit, 2 * unit)], "Describe the image.", max_new_tokens=4)
     assert with_other[0] == alone[0]
+
+
+def test_fixed_size_family_takes_a_list_of_one_size_only():
+    """LLaVA-1.5's CLIP tower has fixed position embeddings: a list of its size is a batch, other sizes are one
+    clear error (the dynamic-resolution path is the Qwen families')."""
+    model, _, _ = open_clip.create_model_and_transforms("vladva-tiny-llava")
+    model.eval()
+    s = model.cfg.image_size
+    images = [torch.randn(3, s, s), torch.randn(3, s, s)]
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), model.encode_image(torch.stack(images)))
+        with pytest.raises(ValueError, match="one image size"):
+            model.encode_image([images[0], torch.randn(3, s, 2 * s)])
+        with pytest.raises(ValueError, match=f"3,{s},{s}"):
+            model.image_input_ids((s, 2 * s))
