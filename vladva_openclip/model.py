@@ -278,12 +278,19 @@ class VladVA(nn.Module):
         sizes = ([hw(image.shape[-2:])] * image.shape[0] if isinstance(image, torch.Tensor)
                  else [hw(im.shape[-2:]) for im in image])
         vision = self.backbone.vision(self.lvlm, image)
-        bodies = [self._body_ids(s) for s in sizes]
-        lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=self.device)
-        body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
-                              device=self.device)
-        for i, r in enumerate(bodies):
-            body_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        if isinstance(image, torch.Tensor):  # one size: every row has the same body
+            body = self._body_ids(sizes[0]) if sizes else []
+            body_ids = (self.image_body_ids if body is self.image_body_id_list
+                        else torch.tensor(body, dtype=torch.long, device=self.device))
+            body_ids = body_ids.unsqueeze(0).expand(len(sizes), -1)
+            lengths = torch.full((len(sizes),), body_ids.shape[1], dtype=torch.long, device=self.device)
+        else:
+            bodies = [self._body_ids(s) for s in sizes]
+            lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=self.device)
+            body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
+                                  device=self.device)
+            for i, r in enumerate(bodies):
+                body_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         real = torch.arange(body_ids.shape[1], device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
         slots = (body_ids == self.backbone.image_token_id(self.lvlm.config)) & real
         body = emb(body_ids).masked_scatter(slots.unsqueeze(-1), vision.tokens.to(self.base_dtype))
