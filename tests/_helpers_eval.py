@@ -2,7 +2,9 @@
 and tiny datasets written in the real benchmark formats (32 px images)."""
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,6 +114,23 @@ def save_images(folder: Path, images: Sequence[Image.Image], names: Sequence[str
         im.save(p, format="PNG")  # lossless whatever the name says, so TableModel can read the id pixel back
         paths.append(p)
     return paths
+
+
+def write_wds_retrieval(root: Path, images: Sequence[Image.Image], captions: Sequence[Sequence[str]]) -> Path:
+    """CLIP_benchmark's webdataset retrieval layout under ``root``: ``test/0.tar`` (``s000.png`` + ``s000.txt``, one
+    caption a line), ``test/nshards.txt`` and ``dataset_type.txt``."""
+    (root / "test").mkdir(parents=True, exist_ok=True)
+    with tarfile.open(root / "test" / "0.tar", "w") as tar:
+        for i, (im, caps) in enumerate(zip(images, captions)):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            for ext, payload in (("png", buf.getvalue()), ("txt", "\n".join(caps).encode())):
+                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    (root / "test" / "nshards.txt").write_text("1")
+    (root / "dataset_type.txt").write_text("retrieval")
+    return root
 
 
 def write_json(path: Path, obj) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -24,8 +25,10 @@ import torch
 
 
 def _shared_tokenizers() -> Path:
-    """../shared/data/tokenizers of the checkout: the nearest ancestor that has one (a git worktree sits deeper
-    than the main checkout), else the main checkout's place."""
+    """../shared/data/tokenizers of the checkout: VLADVA_SHARED_TOKENIZERS when set, else the nearest ancestor
+    that has one (a git worktree sits deeper than the main checkout), else the main checkout's place."""
+    if os.environ.get("VLADVA_SHARED_TOKENIZERS"):
+        return Path(os.environ["VLADVA_SHARED_TOKENIZERS"])
     here = Path(__file__).resolve()
     for parent in here.parents:
         if (parent / "shared" / "data" / "tokenizers").is_dir():

@@ -56,6 +56,14 @@ def test_prompt_file_formats_and_errors(tmp_path):
         load_prompt_pairs(tmp_path / "missing.tsv")
 
 
+def test_prompt_file_with_a_utf8_bom(tmp_path):
+    """Editors on Windows start UTF-8 files with a byte-order mark: it is no part of the first prompt."""
+    f = tmp_path / "p.tsv"
+    f.write_bytes("\ufeffImage A:\tText A:\nBoth:\n".encode("utf-8"))
+    pairs = load_prompt_pairs(f)
+    assert pairs[0] == PromptPair("Image A:", "Text A:") and pairs[1] == PromptPair("Both:", "Both:")
+
+
 # ---- the fast path equals the model ----------------------------------------------------------------------------
 @pytest.mark.parametrize("name", TINY)
 def test_shared_prefix_path_equals_models_built_with_each_prompt(name):

@@ -1,12 +1,10 @@
 """vladva-clip-benchmark: LAION's CLIP_benchmark CLI, unchanged, on a tiny webdataset retrieval set built here;
 its numbers must equal vladva-eval's on the same images, captions and weights."""
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 
 import pytest
 import torch
@@ -16,6 +14,7 @@ from _helpers_eval import (
     photo_images,
     save_images,
     write_json,
+    write_wds_retrieval,
 )
 from safetensors.torch import save_file
 
@@ -34,18 +33,8 @@ def wds_set(tmp_path_factory):
     """``root/test/0.tar`` (``<key>.png`` + ``<key>.txt``, one caption a line), nshards.txt, dataset_type.txt;
     plus the same data as a per-image retrieval JSON for vladva-eval."""
     root = tmp_path_factory.mktemp("wds_tiny")
-    (root / "test").mkdir()
     images = photo_images(len(CAPTIONS))
-    with tarfile.open(root / "test" / "0.tar", "w") as tar:
-        for i, (im, caps) in enumerate(zip(images, CAPTIONS)):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            for ext, payload in (("png", buf.getvalue()), ("txt", "\n".join(caps).encode())):
-                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    (root / "test" / "nshards.txt").write_text("1")
-    (root / "dataset_type.txt").write_text("retrieval")
+    write_wds_retrieval(root, images, CAPTIONS)
     save_images(root / "plain", images, [f"s{i:03d}.png" for i in range(len(images))])
     ann = write_json(root / "plain" / "tiny_test.json",
                      [{"image": f"s{i:03d}.png", "caption": caps} for i, caps in enumerate(CAPTIONS)])

@@ -15,7 +15,7 @@ def test_every_open_clip_entry_point_handles_vladva_names(tmp_path):
     vladva_openclip.install()  # covers modules imported after the package (no-op when already current)
     names = vladva_openclip.list_vladva_models()
     assert set(names) == {"vladva-llava7b", "vladva-llava13b", "vladva-qwen2vl2b", "vladva-tiny-llava",
-                          "vladva-tiny-qwen2vl"}
+                          "vladva-tiny-qwen2vl", "vladva-llavanext8b", "vladva-e5v", "vladva-tiny-llavanext"}
     assert set(names) <= set(open_clip.list_models())
     for create in (open_clip.create_model, open_clip.factory.create_model, oc_main.create_model_and_transforms):
         out = create("vladva-tiny-llava")

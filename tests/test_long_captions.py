@@ -51,7 +51,7 @@ def test_a_cut_caption_gets_no_eos_target(tiny_llava):
     # Reference: full-logits cross-entropy over the same sequences; the cut row's targets stop at its last token.
     head = model.backbone.lm_head(model.lvlm)
     for b, with_eos in ((0, False), (1, True)):
-        image_seq = model._image_sequence(model._check_image(img[b:b + 1]))
+        image_seq = model._image_rows(model._check_image(img[b:b + 1]))
         img_embeds = image_seq.embeds
         cap = rows[b][rows[b] != tok.pad_token_id]
         targets = torch.cat([cap, torch.tensor([tok.eos_token_id])]) if with_eos else cap

@@ -106,7 +106,7 @@ def test_ar_loss_matches_hf_reference(tiny):
     cap = tok.long_captions(["a red circle left of a square", "blue"], context_length=16)
     _, nll, count = model.image_features_and_ar(img, cap)
     for b in range(2):
-        image_seq = model._image_sequence(model._check_image(img[b:b + 1]))
+        image_seq = model._image_rows(model._check_image(img[b:b + 1]))
         img_embeds, img_ids = image_seq.embeds, image_seq.ids
         n = int((cap[b] != tok.pad_token_id).sum())
         ids = torch.cat([cap[b, :n], torch.tensor([tok.eos_token_id])])

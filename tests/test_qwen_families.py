@@ -136,6 +136,17 @@ def test_an_items_embedding_does_not_depend_on_its_batch(built, family):
     torch.testing.assert_close(twice, alone[[1, 1, 0]], atol=1e-5, rtol=1e-4)
     # and the sizes give different sequences (the test is not vacuous)
     assert len({len(model.image_input_ids(s)) for s in sizes}) == len(sizes)
+    # the AR pass over [image | caption | EOS] rows of different image lengths: each row as alone
+    tok = model.tokenizer
+    caps = tok.long_captions(["a red circle", "two dogs play in the snow", "x"], context_length=12)
+    with torch.no_grad():
+        feats, nll, count = model.image_features_and_ar(images, caps)
+        for i, im in enumerate(images):
+            f1, n1, c1 = model.image_features_and_ar(im.unsqueeze(0), caps[i:i + 1])
+            torch.testing.assert_close(feats[i:i + 1], f1, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(nll[i:i + 1], n1, atol=1e-4, rtol=1e-4)
+            assert count[i] == c1[0]
+    torch.testing.assert_close(feats, torch.nn.functional.normalize(alone, dim=-1), atol=1e-5, rtol=1e-4)
 
 
 def test_deepstack_features_reach_the_llm(built):
@@ -208,9 +219,6 @@ def test_sizes_the_vision_tower_cannot_take_are_one_clear_error(built, family):
         model.encode_image(torch.zeros(1, 3, unit + 4, unit))
     with pytest.raises(ValueError, match=f"multiples of {unit}"):
         model.image_input_ids((unit, unit * 2 + 1))
-    with pytest.raises(ValueError, match="one image size"):
-        model.image_features_and_ar([torch.zeros(3, unit, unit), torch.zeros(3, unit, 2 * unit)],
-                                    torch.zeros(2, 4, dtype=torch.long))
 
 
 @pytest.mark.parametrize("family", ["qwen25vl", "qwen3vl"])

@@ -153,4 +153,4 @@ def test_fixed_size_family_takes_a_list_of_one_size_only():
         with pytest.raises(ValueError, match="one image size"):
             model.encode_image([images[0], torch.randn(3, s, 2 * s)])
         with pytest.raises(ValueError, match=f"3,{s},{s}"):
-            model.image_input_ids((s, 2 * s))
+            model.encode_image(torch.randn(1, 3, s, 2 * s))

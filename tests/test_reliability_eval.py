@@ -93,3 +93,65 @@ def test_results_of_finished_tasks_survive_a_crash_in_a_later_task(data, tmp_pat
     assert doc["meta"]["status"] == "failed"
     assert "winoground" in (tmp_path / "out" / "results.md").read_text().lower()
     assert not [p for p in os.listdir(tmp_path / "out") if ".tmp" in p]  # written atomically, nothing left over
+
+
+# ---- annotation and task files: errors name the file and the entry (issue 22) --------------------------------
+def _one_error(capsys, *needles) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("vladva-eval: error:")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert str(needle) in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("content, needles", [
+    ('[{"task": "winoground", "data": "x"', ("not valid JSON (line 1",)),
+    ('{"task": "winoground"}', ("expected a JSON list",)),
+    ('[{"task": "winoground"}, "imagenet"]', ("entry [1]", "expected an object")),
+    ('[{"task": "no-such-task"}]', ("entry [0]", "unknown task type 'no-such-task'")),
+])
+def test_tasks_file_that_is_not_a_list_of_tasks(tmp_path, capsys, content, needles):
+    tasks_file = tmp_path / "tasks.json"
+    tasks_file.write_text(content)
+    assert main(_argv(tmp_path / "out", extra=("--tasks-file", str(tasks_file)))) == 2
+    _one_error(capsys, tasks_file, *needles)
+
+
+@pytest.mark.parametrize("name, content, needles", [
+    ("templates.json", '["a photo of a {}.", ', ("not valid JSON",)),
+    ("templates.json", '["a photo of a {}.", 3]', ("entry [1]", "expected a string")),
+    ("templates.txt", "a photo of a {}.\na photo without a slot\n", ("entry [1]", "no '{}' or '{c}' placeholder")),
+])
+def test_template_file_errors_name_the_file_and_entry(data, tmp_path, capsys, name, content, needles):
+    _, specs = data
+    templates = tmp_path / name
+    templates.write_text(content)
+    imagenet = specs["imagenet"]
+    tasks = ["--task", "imagenet", "--data", imagenet["data"], "--templates", str(templates)]
+    tasks += ["--set", "classnames=" + json.dumps(list(imagenet["classnames"]))]
+    assert main(_argv(tmp_path / "out", *tasks)) == 2
+    _one_error(capsys, templates, *needles)
+
+
+@pytest.mark.parametrize("how, needles", [
+    ("split_list", ("entry images[0]", "field 'split' must be a non-empty string")),
+    ("coco_id_list", ("entry annotations[0]", "field 'image_id' must be an integer or a string")),
+    ("latin1", ("not UTF-8 text",)),
+])
+def test_retrieval_annotation_errors_name_the_file_and_entry(data, tmp_path, capsys, how, needles):
+    _, specs = data
+    ann = tmp_path / "ann.json"
+    doc = json.loads(Path(specs["retrieval"]["data"]).read_text())
+    if how == "split_list":
+        doc["images"][0]["split"] = ["test"]
+        ann.write_text(json.dumps(doc))
+    elif how == "coco_id_list":
+        ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "1.jpg"}],
+                                   "annotations": [{"image_id": [1], "caption": "a"}]}))
+    else:
+        ann.write_bytes(b'{"note": "caf\xe9", ' + json.dumps(doc).encode("utf-8")[1:])  # Latin-1, not UTF-8
+    tasks = ("--task", "retrieval", "--data", str(ann), "--images", specs["retrieval"]["images"])
+    assert main(_argv(tmp_path / "out", *tasks)) == 2
+    _one_error(capsys, ann, *needles)

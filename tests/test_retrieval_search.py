@@ -50,14 +50,14 @@ def test_index_and_raw_embeddings_give_the_same_hits(colour_set, built):
                                    atol=1e-5)
     # an image query finds its own image first, with cosine 1, and carries its metadata
     top = raw["queries"][1]["results"][0]
-    assert top["image_path"].endswith("blue.png") and top["caption"] == "a blue square"
-    assert top["score"] == pytest.approx(1.0, abs=1e-4) and top["rank"] == 1 and "row" in top
+    assert top["metadata"]["image_path"].endswith("blue.png") and top["metadata"]["caption"] == "a blue square"
+    assert top["score"] == pytest.approx(1.0, abs=1e-4) and top["rank"] == 1 and "row" in top["metadata"]
     # the scores are the model's cosine similarities
     model, preprocess, tokenizer = built
     with torch.no_grad():
         q = model.encode_text(tokenizer(["a red square"]), normalize=True)
         hit = via_index["queries"][0]["results"][0]
-        img = model.encode_image(preprocess(Image.open(hit["image_path"]))[None], normalize=True)
+        img = model.encode_image(preprocess(Image.open(hit["metadata"]["image_path"]))[None], normalize=True)
     assert hit["score"] == pytest.approx(float(q @ img.T), abs=1e-4)
 
 
@@ -69,17 +69,17 @@ def test_cli_json_uses_the_manifest_model_and_searches_captions(colour_set, tmp_
     assert doc["model"]["name"] == TINY and doc["kind"] == "text" and doc["k"] == 2
     (q,) = doc["queries"]
     assert q["type"] == "text" and len(q["results"]) == 2
-    assert q["results"][0]["caption"] == "a green square"  # identical text: cosine 1 with its own caption
+    assert q["results"][0]["metadata"]["caption"] == "a green square"  # identical text: cosine 1 with its own caption
     assert vladva_main(["search", str(colour_set / "emb")]) == 2
     assert "no queries" in capsys.readouterr().err
 
 
 def test_page_escapes_text_and_reads_webdataset_thumbnails(tmp_path):
     tar = write_tar(tmp_path / "000.tar", [("k1", png_bytes(Image.new("RGB", (8, 8), (255, 0, 0))), "x")])
-    results = {"source": "s", "mode": "m", "model": {"name": "n"}, "queries": [
+    results = {"source": "s", "mode": "m", "model": {"name": "n"}, "image_roots": [str(tmp_path)], "queries": [
         {"type": "text", "query": "<script>alert(1)</script>", "results": [
-            {"rank": 1, "score": 0.5, "id": 0, "image_path": "k1", "caption": "a & b", "shard": str(tar)},
-            {"rank": 2, "score": 0.4, "id": 1, "image_path": "/nowhere/x.png", "caption": None}]}]}
+            {"rank": 1, "score": 0.5, "id": 0, "metadata": {"image_path": "k1", "caption": "a & b", "shard": str(tar)}},
+            {"rank": 2, "score": 0.4, "id": 1, "metadata": {"image_path": "/nowhere/x.png", "caption": None}}]}]}
     page = render_html(results)
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "a &amp; b" in page
@@ -112,4 +112,4 @@ def test_search_page_renders_the_thumbnails_in_chromium(colour_set, tmp_path):
         # each hit's thumbnail is drawn in a 192 x 192 box (object-fit: contain, 48 x 40 image -> 192 x 160)
         assert near >= 0.8 * 192 * 160, f"{name} thumbnail not visible in the screenshot ({near} pixels)"
     hits = json.loads((tmp_path / "hits.json").read_text())["queries"][0]["results"]
-    assert {os.path.basename(h["image_path"]) for h in hits} == {f"{c}.png" for c in COLOURS}
+    assert {os.path.basename(h["metadata"]["image_path"]) for h in hits} == {f"{c}.png" for c in COLOURS}

@@ -4,12 +4,10 @@ state dict, with or without DDP's ``module.`` prefix, of which only the trainabl
 is checked against the base."""
 from __future__ import annotations
 
-import io
 import json
 import logging
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import open_clip
@@ -100,7 +98,7 @@ def test_a_frozen_difference_is_reported_and_the_base_kept(stock_checkpoint, tmp
 def test_stock_clip_benchmark_cli_through_vladva_run(tmp_path):
     """The real ``clip_benchmark`` console script, unchanged, on a VladVA name: its numbers equal vladva-eval's."""
     pytest.importorskip("clip_benchmark")
-    from _helpers_eval import photo_images, save_images, write_json
+    from _helpers_eval import photo_images, save_images, write_json, write_wds_retrieval
 
     from vladva_openclip.eval import RetrievalTask, evaluate
 
@@ -109,18 +107,7 @@ def test_stock_clip_benchmark_cli_through_vladva_run(tmp_path):
     images = photo_images(len(captions))
     names = [f"s{i}.png" for i in range(len(images))]
     save_images(tmp_path / "img", images, names)
-    # CLIP_benchmark's webdataset retrieval layout: test/0.tar (<key>.png + <key>.txt), nshards.txt
-    (tmp_path / "wds" / "test").mkdir(parents=True)
-    with tarfile.open(tmp_path / "wds" / "test" / "0.tar", "w") as tar:
-        for i, (im, caps) in enumerate(zip(images, captions)):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            for ext, payload in (("png", buf.getvalue()), ("txt", "\n".join(caps).encode())):
-                info = tarfile.TarInfo(f"s{i:03d}.{ext}")
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
-    (tmp_path / "wds" / "test" / "nshards.txt").write_text("1")
-    (tmp_path / "wds" / "dataset_type.txt").write_text("retrieval")
+    write_wds_retrieval(tmp_path / "wds", images, captions)
     out = tmp_path / "cb.json"
     result = run_tool(["clip_benchmark", "eval", "--dataset", "wds/tiny", "--dataset_root", str(tmp_path / "wds"),
                        "--task", "zeroshot_retrieval", "--model", TINY, "--pretrained", "synth_captioner",

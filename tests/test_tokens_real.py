@@ -195,3 +195,29 @@ def test_truncation_keeps_the_longest_fitting_cut(meta_models, name):
             scan = next(b for c in reversed(cuts) if len(b := tok.text_body(caption[:c])) <= length)
             body, cut = tok._fit_caption(caption, length)
             assert cut and body == scan, (caption[:30], length)
+
+
+@pytest.mark.parametrize("name", ["vladva-llava7b", "vladva-qwen2vl2b"])
+def test_a_huge_caption_is_bounded_by_characters_with_the_same_ids(meta_models, name):
+    """Only char_bound characters of a caption are tokenized (issue 22: a 5 MB table cell cost 16 s a batch): the
+    rows equal those of the unbounded tokenization, and a 5 MB caption costs what a short one does."""
+    import time
+
+    model, _ = meta_models[name]
+    tok = model.tokenizer
+    assert tok.max_token_chars == max(len(t) for t in tok.tokenizer.get_vocab())
+    for length in (12, 77):
+        bound = tok.char_bound(length)
+        captions = ["many red circles and blue squares, " * (bound // 20),  # longer than the bound
+                    "Ünïcödé  text\twith  odd spacing 🐱 " * (bound // 15), "x" * (2 * bound), "a short one"]
+        for caption in captions:
+            full, _ = tok._fit_caption(caption, length)  # the whole text, as before
+            assert tok([caption], context_length=length)[0][: len(full)].tolist() == full
+            assert tok.long_captions([caption], length)[0].tolist() == tok.answer_ids(caption)[:length] + \
+                [tok.pad_token_id] * max(0, length - len(tok.answer_ids(caption)))
+    huge = "word " * 1_000_000  # 5 MB
+    tok([huge[:1000]])
+    start = time.perf_counter()
+    row = tok([huge])
+    assert time.perf_counter() - start < 2.0  # unbounded: about 16 s on the 2-core CPU
+    assert row.shape == (1, tok.context_length)

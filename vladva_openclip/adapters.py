@@ -39,6 +39,76 @@ class AdapterError(ValueError):
     """An adapter cannot be used with this model (wrong base, corrupt or incomplete files)."""
 
 
+# ---- schema of vladva_adapter.json -------------------------------------------------------------------------------
+#: field -> (allowed JSON types, required); a nested schema is a dict in place of the types
+_PROMPT_SCHEMA = {"text": ((str,), True), "mode": ((str,), True)}
+_FINGERPRINT_SCHEMA = {
+    "backbone": ((str,), True), "hidden_size": ((int,), True), "num_hidden_layers": ((int,), True),
+    "vocab_size": ((int,), True), "base_model": ((str, type(None)), False),
+}
+_LORA_SCHEMA = {
+    "enabled": ((bool,), True), "r": ((int,), True), "alpha": ((int, float), True), "dropout": ((int, float), True),
+    "target_modules": ((str, list, type(None)), False),
+}
+META_SCHEMA: dict[str, Any] = {
+    "format_version": ((int,), True), "model_name": ((str,), True), "fingerprint": (_FINGERPRINT_SCHEMA, True),
+    "base_only": ((bool,), False), "image_prompt": (_PROMPT_SCHEMA, False), "text_prompt": (_PROMPT_SCHEMA, False),
+    "lora": (_LORA_SCHEMA, False), "merged": ((bool,), False),
+}
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def _type_name(value: Any) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def validate_json(obj: Any, schema: dict[str, Any], source: str, where: str = "") -> None:
+    """Check ``obj`` against ``schema`` (see :data:`META_SCHEMA`); AdapterError naming ``source`` and the field."""
+    if not isinstance(obj, dict):
+        raise AdapterError(f"{source}: {where or 'the file'} must be a JSON object, got {_type_name(obj)}")
+    for name, (kind, required) in schema.items():
+        path = f"{where}.{name}" if where else name
+        if name not in obj:
+            if required:
+                raise AdapterError(f"{source}: missing field {path!r}; the file is incomplete: save the adapter "
+                                   "again (vladva_openclip.save_adapter)")
+            continue
+        value = obj[name]
+        if isinstance(kind, dict):
+            validate_json(value, kind, source, path)
+            continue
+        # JSON has no int/bool distinction in Python's eyes: true is not an integer here
+        ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in kind)
+        if not ok:
+            wanted = " or ".join(_JSON_NAMES.get(t, t.__name__) for t in kind)
+            raise AdapterError(f"{source}: field {path!r} must be {wanted}, got {_type_name(value)} {value!r:.60}")
+    if isinstance(obj.get("lora"), dict):
+        lora = obj["lora"]
+        if lora["r"] < 1:
+            raise AdapterError(f"{source}: lora.r must be >= 1, got {lora['r']}")
+        targets = lora["target_modules"]
+        if isinstance(targets, list) and not all(isinstance(t, str) for t in targets):
+            raise AdapterError(f"{source}: lora.target_modules must be a string or a list of strings")
+
+
+def check_tensor(tensor: torch.Tensor, key: str, source: str, shape: tuple[int, ...] | None = None,
+                 like: torch.Tensor | None = None) -> None:
+    """A loaded tensor must be floating point (not int, bool or complex), finite, and of ``shape``; ``like`` (the
+    model's own tensor) relaxes the dtype rule for integer buffers. AdapterError naming ``key`` otherwise."""
+    if like is not None and not like.is_floating_point():
+        if tensor.dtype != like.dtype:
+            raise AdapterError(f"{source}: {key} is {tensor.dtype}, the model's is {like.dtype}")
+    elif not tensor.is_floating_point():
+        raise AdapterError(f"{source}: {key} is {tensor.dtype}; weights must be floating point (float32, bfloat16 or "
+                           "float16), not integer, quantized or complex: save them again from the model")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise AdapterError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(shape)}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise AdapterError(f"{source}: {key} holds NaN or inf values; the training diverged or the file is damaged "
+                           "(use an earlier checkpoint)")
+
+
 def base_fingerprint(model) -> dict[str, Any]:
     """What must match between the model an adapter was trained on and the one it is loaded into."""
     cfg = model.lvlm.config
@@ -173,9 +243,21 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
     if not meta_file.is_file():
         raise AdapterError(f"{path} is a directory but has no {META_FILE}; it is not a VladVA adapter")
     try:
-        return json.loads(meta_file.read_text())
-    except json.JSONDecodeError as err:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterError(f"{meta_file} is corrupt: {err}") from err
+    validate_json(meta, META_SCHEMA, str(meta_file))
+    if not meta.get("base_only"):
+        for key in ("image_prompt", "text_prompt"):
+            if key not in meta:
+                raise AdapterError(f"{meta_file}: missing field {key!r}; the file is incomplete: save the adapter "
+                                   "again (vladva_openclip.save_adapter)")
+    elif any((path / f).exists() for f in (LORA_FILE, EXTRAS_FILE)):
+        present = [f for f in (LORA_FILE, EXTRAS_FILE) if (path / f).exists()]
+        raise AdapterError(f"{meta_file} says base_only (base weights, fresh adapters) but {path} holds adapter "
+                           f"weights ({', '.join(present)}), which would be ignored: remove \"base_only\" from the "
+                           "file, or the adapter files")
+    return meta
 
 
 def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -194,6 +276,10 @@ def load_base_weights(model_lvlm, path: Path) -> bool:
     if file is None or not file.is_file():
         return False
     state = _load_safetensors(file)
+    own = model_lvlm.state_dict()
+    for key, tensor in state.items():
+        if key in own:
+            check_tensor(tensor, key, str(file), tuple(own[key].shape), like=own[key])
     try:
         missing, unexpected = model_lvlm.load_state_dict(state, strict=False)
     except RuntimeError as err:
@@ -205,8 +291,25 @@ def load_base_weights(model_lvlm, path: Path) -> bool:
     return True
 
 
-def check_compatible(model, meta: dict[str, Any], source: str) -> None:
-    mine = base_fingerprint(model)
+def config_fingerprint(cfg) -> dict[str, Any]:
+    """:func:`base_fingerprint` from a :class:`~.config.VladVAConfig` alone (no weights loaded): what an adapter
+    is checked against before a large base model is read or downloaded."""
+    from .backbones import get_backbone
+
+    text = get_backbone(cfg.backbone).build_config(cfg.hf_config).get_text_config()
+    return {"backbone": cfg.backbone, "hidden_size": int(text.hidden_size),
+            "num_hidden_layers": int(text.num_hidden_layers), "vocab_size": int(text.vocab_size),
+            "base_model": cfg.base_model}
+
+
+def check_compatible(model, meta: dict[str, Any], source: str, mine: dict[str, Any] | None = None) -> None:
+    """AdapterError when the adapter's base fingerprint differs from ``model``'s (or from ``mine``, computed from
+    the config before any weights are loaded: then only what the config fixes for sure, the backbone and the
+    transformer's width and depth, is compared)."""
+    if mine is None:
+        mine = base_fingerprint(model)
+    else:
+        mine = {k: v for k, v in mine.items() if k in ("backbone", "hidden_size", "num_hidden_layers")}
     theirs = meta.get("fingerprint", {})
     diffs = {k: (theirs.get(k), v) for k, v in mine.items() if k != "base_model" and theirs.get(k) != v}
     if diffs:
@@ -215,7 +318,7 @@ def check_compatible(model, meta: dict[str, Any], source: str) -> None:
             f"adapter {source} was made for another base model ({meta.get('model_name')!r}); {details}. "
             f"Create the model it was trained for: open_clip.create_model({meta.get('model_name')!r}, pretrained=...)"
         )
-    if theirs.get("base_model") != mine.get("base_model"):
+    if "base_model" in mine and theirs.get("base_model") != mine.get("base_model"):
         _logger.warning("adapter %s was trained on base %r; loading into base %r", source,
                         theirs.get("base_model"), mine.get("base_model"))
 
@@ -254,7 +357,11 @@ def _load_adapter_dir(model, path: Path) -> None:
         if not lora_file.is_file():
             raise AdapterError(f"{path} has no {LORA_FILE} but the model expects LoRA weights")
         lora = _load_safetensors(lora_file)
-        result = set_peft_model_state_dict(model.lvlm, lora)
+        _check_lora(model, lora, path)
+        try:
+            result = set_peft_model_state_dict(model.lvlm, lora)
+        except RuntimeError as err:  # a shape torch still refuses: one line, with the file
+            raise AdapterError(f"{lora_file} does not fit this model: {' '.join(str(err).split())[:300]}") from None
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
             raise AdapterError(f"{lora_file} has LoRA weights this model lacks: {unexpected[:5]}")
@@ -268,11 +375,33 @@ def _load_adapter_dir(model, path: Path) -> None:
     _load_extras(model, _load_safetensors(extras_file), str(extras_file))
 
 
+def _check_lora(model, lora: dict[str, torch.Tensor], path: Path) -> None:
+    """Every LoRA tensor of the file against the model's (peft's file keys lack the adapter name "default")."""
+    source = str(path / LORA_FILE)
+    own = {k.replace(".default.", "."): v for k, v in model.lvlm.state_dict().items() if "lora_" in k}
+    for key, tensor in lora.items():
+        if key in own and tuple(tensor.shape) != tuple(own[key].shape):
+            meta_r = model.cfg.lora.r
+            raise AdapterError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model expects "
+                               f"{tuple(own[key].shape)} (lora.r={meta_r} in {path / META_FILE}); the adapter's "
+                               "files disagree: save it again")
+        check_tensor(tensor, key, source, tuple(own[key].shape) if key in own else None)
+
+
 def _load_extras(model, extras: dict[str, torch.Tensor], source: str) -> None:
     with torch.no_grad():
         if "logit_scale" not in extras:
             raise AdapterError(f"{source} has no logit_scale")
-        model.logit_scale.copy_(extras["logit_scale"].reshape(()))
+        scale = extras["logit_scale"]
+        if scale.numel() != 1:
+            raise AdapterError(f"{source}: logit_scale has shape {tuple(scale.shape)}; it must be one number "
+                               "(shape () or (1,))")
+        check_tensor(scale, "logit_scale", source)
+        for name in ("image_prompt", "text_prompt"):
+            key = f"{name}.soft"
+            if key in extras:
+                check_tensor(extras[key], key, source)
+        model.logit_scale.copy_(scale.reshape(()))
         for name in ("image_prompt", "text_prompt"):
             soft = getattr(model, name).soft
             key = f"{name}.soft"
@@ -300,10 +429,12 @@ def _load_trainable(model, state: dict[str, torch.Tensor], source: str) -> None:
     if missing or unexpected:
         raise AdapterError(f"{source} does not match this model's trainable parameters: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]} (was it trained for another model or prompt setting?)")
+    for k, p in mine.items():
+        if not isinstance(state[k], torch.Tensor):
+            raise AdapterError(f"{source}: {k} is a {type(state[k]).__name__}, not a tensor")
+        check_tensor(state[k], k, source, tuple(p.shape))
     with torch.no_grad():
         for k, p in mine.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise AdapterError(f"{source}: {k} has shape {tuple(state[k].shape)}, model expects {tuple(p.shape)}")
             p.copy_(state[k])
     if extra:
         _check_frozen(source, {k: state[k] for k in extra}, whole)

@@ -134,6 +134,16 @@ def _register_retrieval() -> None:
 _register_retrieval()
 
 
+# ---- caption (vladva_openclip.caption) ----------------------------------------------------------------------
+def _register_caption() -> None:
+    from .caption.cli import register_command
+
+    register_command(register, setup_cli_logging)
+
+
+_register_caption()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vladva", description="VladVA: the demo, the captioner's pretraining, and shortcuts to vladva-train and vladva-eval.")

@@ -15,7 +15,8 @@ _logger = logging.getLogger(__name__)
 PROMPT_MODES = ("handcrafted", "soft", "both")
 # open_clip's eval resize modes: "shortest" (resize the short side, centre crop), "longest" (resize the long side,
 # pad; keeps the whole image at its aspect ratio), "squash" (resize both sides; keeps the whole image, not the ratio).
-RESIZE_MODES = ("shortest", "longest", "squash")
+# "anyres" (LLaVA-NeXT): the processor's base view and grid tiles packed with the image size (see anyres.py).
+RESIZE_MODES = ("shortest", "longest", "squash", "anyres")
 
 
 def _from_dict(cls, d: dict[str, Any], where: str):

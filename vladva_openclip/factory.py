@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .adapters import BASE_FILE, load_adapter, load_base_weights, read_meta
+from .adapters import BASE_FILE, check_compatible, config_fingerprint, load_adapter, load_base_weights, read_meta
 from .backbones import Backbone, WeightsNotFoundError, get_backbone
 from .backbones.sources import BaseModelError, check_base_dir, check_tokenizer_dir, is_local, root_cause
 from .config import VladVAConfig
@@ -250,6 +250,7 @@ def create_vladva(
     if require_pretrained and path is None:
         raise ValueError(f"{name} needs pretrained=<tag or adapter path>; tags: {sorted(pretrained_tags().get(name, {}))}")
     meta = read_meta(path) if path is not None else None
+    raw_meta = meta
     if meta is not None and meta.get("base_only"):
         meta = None  # base weights only: the registered structure (and the keywords) decide the adapters
     if force_context_length:
@@ -260,6 +261,8 @@ def create_vladva(
     dtype = BASE_DTYPES[precision]
     loads_base = load_weights and device.type != "meta" and not _ships_base(path)
     cfg = local_architecture(cfg, name, need_weights=loads_base)
+    if raw_meta is not None:  # before any base weights are read or downloaded (a 7B base for a tiny adapter)
+        check_compatible(None, raw_meta, str(path), mine=config_fingerprint(cfg))
     if force_image_size:
         size = force_image_size if isinstance(force_image_size, int) else force_image_size[0]
         cfg = cfg.replace(image_size=int(size))

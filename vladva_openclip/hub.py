@@ -56,6 +56,22 @@ def _read_config(name: str, cache_dir: str | None = None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+#: the parts of open_clip_config.json this package reads: field -> (allowed JSON types, required)
+HUB_CONFIG_SCHEMA: dict[str, Any] = {
+    "model_cfg": ({}, False),
+    "preprocess_cfg": ({}, False),
+    "vladva": ({"model_name": ((str,), True), "format_version": ((int,), False)}, False),
+}
+
+
+def validate_hub_config(config: Any, source: str) -> None:
+    """``open_clip_config.json`` against :data:`HUB_CONFIG_SCHEMA` (objects where objects belong, ``vladva.model_name``
+    a string); ValueError (AdapterError) naming the file and the field."""
+    from .adapters import validate_json
+
+    validate_json(config, HUB_CONFIG_SCHEMA, source)
+
+
 def hub_model_name(name: str, cache_dir: str | None = None) -> str | None:
     """The registered VladVA model an ``hf-hub:``/``local-dir:`` repository's ``open_clip_config.json`` names, or
     None when it is not a VladVA repository or its config cannot be read (open_clip then reports the problem)."""
@@ -66,6 +82,7 @@ def hub_model_name(name: str, cache_dir: str | None = None) -> str | None:
     except Exception as err:  # noqa: BLE001 - missing file, offline, bad JSON: open_clip's own path reports it
         _logger.debug("%s: no readable %s (%s)", name, CONFIG_NAME, err)
         return None
+    validate_hub_config(config, f"{name}: {CONFIG_NAME}")
     target = (config.get("vladva") or {}).get("model_name")
     if target is None and "vladva_cfg" in (config.get("model_cfg") or {}):
         raise ValueError(f"{name}: {CONFIG_NAME} holds a VladVA config but names no model (vladva.model_name)")

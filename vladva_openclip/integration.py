@@ -82,9 +82,29 @@ def _vladva_get_tokenizer(original: Callable) -> Callable:
     return get_tokenizer
 
 
+def _vladva_image_transform_v2(original: Callable) -> Callable:
+    """LLaVA-NeXT's ``anyres:...`` resize mode (not one of open_clip's) builds :class:`anyres.AnyresTransform`;
+    every other config goes to open_clip untouched."""
+
+    @functools.wraps(original)
+    def image_transform_v2(cfg, is_train, aug_cfg=None):
+        from .anyres import AnyresTransform, parse_resize_mode
+
+        geometry = parse_resize_mode(getattr(cfg, "resize_mode", None))
+        if geometry is None:
+            return original(cfg, is_train, aug_cfg=aug_cfg)
+        if is_train and aug_cfg:
+            _logger.warning("the anyres transform has no augmentation; aug_cfg is ignored")
+        return AnyresTransform(geometry, cfg.mean, cfg.std)
+
+    setattr(image_transform_v2, _MARK, True)
+    return image_transform_v2
+
+
 WRAPPERS: dict[str, Callable[[Callable], Callable]] = {
     "create_model": _vladva_create_model,
     "get_tokenizer": _vladva_get_tokenizer,
+    "image_transform_v2": _vladva_image_transform_v2,
 }
 
 

@@ -23,7 +23,7 @@ from .backbones.base import VisionOutput, hw
 from .config import VladVAConfig
 from .kernels import last_token_pool
 from .prompts import ModalityPrompt
-from .sequence import assemble
+from .sequence import assemble, concat_rows
 from .tokenizer import VladVATokenizer, caption_lengths
 
 _logger = logging.getLogger(__name__)
@@ -77,8 +77,8 @@ class VladVA(nn.Module):
         self.context_length = cfg.context_length
         self.vocab_size = tokenizer.vocab_size
         self.output_dict = True
-        self.visual = VisualInfo(image_size=(cfg.image_size, cfg.image_size), image_mean=cfg.image_mean,
-                                 image_std=cfg.image_std, preprocess_cfg={})
+        self.visual = VisualInfo(image_size=self.backbone.input_size(lvlm.config, cfg.image_size),
+                                 image_mean=cfg.image_mean, image_std=cfg.image_std, preprocess_cfg={})
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
@@ -181,15 +181,15 @@ class VladVA(nn.Module):
     def _check_image(self, image: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """The images on the model's device and dtype: a ``[B,3,H,W]`` tensor, or (dynamic-resolution families, images
         of different sizes) a list of ``[3,H_i,W_i]`` tensors. A list of one size becomes a tensor."""
-        size = self.cfg.image_size
+        h, w = self.backbone.input_size(self.lvlm.config, self.cfg.image_size)
         if isinstance(image, (list, tuple)):
             if not image:
-                return torch.zeros(0, 3, size, size, device=self.device, dtype=self.base_dtype)
+                return torch.zeros(0, 3, h, w, device=self.device, dtype=self.base_dtype)
             items = [self._check_one_image(im) for im in image]
             if len({tuple(im.shape) for im in items}) == 1:
                 return self._check_image(torch.stack(items))
             if not self.backbone.dynamic_resolution:
-                raise ValueError(f"{self.backbone.describe()} takes one image size ({size}x{size}); got a list of "
+                raise ValueError(f"{self.backbone.describe()} takes one image size ({h}x{w}); got a list of "
                                  f"images of different sizes; use the model's preprocess transform")
             for im in items:
                 self._check_size(im.shape[-2:])
@@ -198,10 +198,10 @@ class VladVA(nn.Module):
             raise TypeError(f"image must be a torch.Tensor [B,3,H,W], got {type(image).__name__}; "
                             f"apply the model's preprocess transform to PIL images first")
         if image.dim() == 3:
-            raise ValueError(f"image must be batched [B,3,{size},{size}], got {tuple(image.shape)}; "
+            raise ValueError(f"image must be batched [B,3,{h},{w}], got {tuple(image.shape)}; "
                              f"use image.unsqueeze(0) for a single image")
         if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must have shape [B,3,{size},{size}] (the model's preprocess output), "
+            raise ValueError(f"image must have shape [B,3,{h},{w}] (the model's preprocess output), "
                              f"got {tuple(image.shape)}")
         self._check_float(image)
         if image.shape[0]:
@@ -226,12 +226,13 @@ class VladVA(nn.Module):
 
     def _check_size(self, hw_: Sequence[int]) -> None:
         size = self.cfg.image_size
+        expected = self.backbone.input_size(self.lvlm.config, size)
         h, w = int(hw_[0]), int(hw_[1])
-        if (h, w) == (size, size):
+        if (h, w) == tuple(expected):
             return
         if not self.backbone.dynamic_resolution:
-            raise ValueError(f"image must have shape [B,3,{size},{size}] (the model's preprocess output), "
-                             f"got [*,3,{h},{w}]")
+            raise ValueError(f"image must have shape [B,3,{expected[0]},{expected[1]}] (the model's preprocess "
+                             f"output), got [*,3,{h},{w}]")
         try:
             self.backbone.check_image_size(self.lvlm.config, (h, w))
         except ValueError as err:
@@ -266,26 +267,30 @@ class VladVA(nn.Module):
                                   **extra)
         return out.last_hidden_state
 
-    def _body_ids(self, size: tuple[int, int]) -> list[int]:
-        if size == (self.cfg.image_size, self.cfg.image_size):
-            return self.image_body_id_list
-        return self.backbone.image_body_ids(self.lvlm.config, size)
+    def _image_body(self, count: int) -> list[int]:
+        """The image part's ids with ``count`` image-token slots (the template's own tokens around them kept)."""
+        base = self.image_body_id_list
+        tok = self.backbone.image_token_id(self.lvlm.config)
+        first, last = base.index(tok), len(base) - base[::-1].index(tok)
+        return base[:first] + [tok] * count + base[last:]
 
-    def _image_sequence(self, image: torch.Tensor | list[torch.Tensor]) -> ImageSequence:
-        """Checked images -> the image tower's sequences ``[template | image tokens | prompt]``, right padded (rows
-        differ in length only when the images differ in size)."""
+    def _image_rows(self, image: torch.Tensor | list[torch.Tensor]) -> ImageSequence:
+        """Checked images -> the image tower's rows ``[prefix | image tokens | prompt]``, right padded.
+
+        Where the number of image tokens depends on the image (LLaVA-NeXT's anyres tiles, Qwen's dynamic
+        resolution), each row has its own image tokens, so an item's sequence, positions and summary token are
+        those it has alone: its embedding does not depend on the batch.
+        """
         emb = self.embedding
-        sizes = ([hw(image.shape[-2:])] * image.shape[0] if isinstance(image, torch.Tensor)
-                 else [hw(im.shape[-2:]) for im in image])
         vision = self.backbone.vision(self.lvlm, image)
-        if isinstance(image, torch.Tensor):  # one size: every row has the same body
-            body = self._body_ids(sizes[0]) if sizes else []
-            body_ids = (self.image_body_ids if body is self.image_body_id_list
-                        else torch.tensor(body, dtype=torch.long, device=self.device))
-            body_ids = body_ids.unsqueeze(0).expand(len(sizes), -1)
-            lengths = torch.full((len(sizes),), body_ids.shape[1], dtype=torch.long, device=self.device)
+        counts = vision.counts.tolist()
+        sizes = [hw(im.shape[-2:]) for im in image]
+        registered = int(self.image_body_ids.eq(self.backbone.image_token_id(self.lvlm.config)).sum())
+        if all(n == registered for n in counts):  # every row has the registered body
+            body_ids = self.image_body_ids.unsqueeze(0).expand(len(counts), -1)
+            lengths = torch.full((len(counts),), body_ids.shape[1], dtype=torch.long, device=self.device)
         else:
-            bodies = [self._body_ids(s) for s in sizes]
+            bodies = [self._image_body(n) for n in counts]
             lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=self.device)
             body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
                                   device=self.device)
@@ -335,13 +340,22 @@ class VladVA(nn.Module):
         return torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
 
     def image_input_ids(self, image_size: int | tuple[int, int] | None = None) -> torch.Tensor:
-        """``ids [T]`` (CPU LongTensor): the exact ids of the image tower's sequence for an image of ``image_size``
-        (a side or ``(height, width)``; default: the model's input size); the image-token slots are replaced by
-        the projected image features and the soft-prompt slots by the soft vectors."""
-        size = hw(image_size if image_size is not None else self.cfg.image_size)
-        self._check_size(size)
+        """``ids [T]`` (CPU LongTensor): the exact ids of the image tower's sequence; the image-token slots are
+        replaced by the projected image features and the soft-prompt slots by the soft vectors.
+
+        Args:
+            image_size: where the number of image tokens depends on the image, the ``(height, width)`` (or one
+                side of a square image) whose sequence to report: LLaVA-NeXT, the original image's size; the
+                dynamic-resolution Qwen families, the size of the tensor given to ``encode_image`` (a multiple of
+                the patch unit). Default: the registered input. Fixed-count families ignore it.
+        """
         prompt = self.image_prompt
-        return torch.tensor(prompt.prefix_id_list + self._body_ids(size) + prompt.suffix_id_list, dtype=torch.long)
+        body = self.image_body_id_list
+        if image_size is not None and self.backbone.variable_image_tokens:
+            if self.backbone.dynamic_resolution:
+                self._check_size(hw(image_size))
+            body = self._image_body(self.backbone.num_image_tokens(self.lvlm.config, image_size))
+        return torch.tensor(prompt.prefix_id_list + body + prompt.suffix_id_list, dtype=torch.long)
 
     def _empty(self) -> torch.Tensor:
         return torch.zeros(0, self.embed_dim, device=self.device, dtype=torch.float32)
@@ -362,7 +376,7 @@ class VladVA(nn.Module):
         image = self._check_image(image)
         if len(image) == 0:
             return self._empty()
-        seq = self._image_sequence(image)
+        seq = self._image_rows(image)
         hidden = self._run_llm(seq.embeds, seq.mask, seq.ids, image=seq)
         return last_token_pool(hidden, seq.mask, normalize=normalize).float()
 
@@ -402,33 +416,34 @@ class VladVA(nn.Module):
             (normalised image features ``[B, D]`` fp32, per-sample NLL sums ``[B]`` fp32, token counts ``[B]``).
         """
         image = self._check_image(image)
-        if not isinstance(image, torch.Tensor):
-            raise ValueError("image_features_and_ar takes a batch of one image size [B,3,H,W], not a list of sizes")
         long_caption = self._check_text(long_caption)
         emb = self.embedding
-        seq = self._image_sequence(image)
-        img_embeds, img_ids = seq.embeds, seq.ids
-        t_img = img_ids.shape[1]
+        seq = self._image_rows(image)
+        img_embeds, img_ids, img_mask = seq.embeds, seq.ids, seq.mask
+        img_len = img_mask.sum(1)
         lengths = caption_lengths(long_caption, self.pad_token_id)
         # A row filled to the last column holds a caption cut by the tokenizer: no EOS target (never learn to stop
         # mid-sentence). See VladVATokenizer.long_captions.
         complete = lengths < long_caption.shape[1]
         counts = torch.where(lengths > 0, lengths + complete.long(), torch.zeros_like(lengths))
         if not compute_ar or int(lengths.max()) == 0:
-            mask = torch.ones(img_ids.shape, dtype=torch.long, device=img_ids.device)
-            hidden = self._run_llm(img_embeds, mask, img_ids, image=seq)
-            feats = last_token_pool(hidden, mask, normalize=True).float()
+            hidden = self._run_llm(img_embeds, img_mask, img_ids, image=seq)
+            feats = last_token_pool(hidden, img_mask, normalize=True).float()
             return feats, torch.zeros_like(feats[:, 0]), counts.float()
         cap = long_caption[:, : int(lengths.max())]
         eos = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=cap.device)
         # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
-        embeds, mask = assemble(img_embeds, emb(cap), lengths, emb(eos))
-        ids, _ = assemble(img_ids, cap, lengths, eos)
+        one = torch.ones(1, dtype=torch.long, device=cap.device)
+        embeds, mask = concat_rows([(img_embeds, img_len), (emb(cap), lengths), (emb(eos), one)])
+        ids, _ = concat_rows([(img_ids, img_len), (cap, lengths), (eos, one)])
         hidden = self._run_llm(embeds, mask, ids, image=seq)
-        feats = F.normalize(hidden[:, t_img - 1].float(), dim=-1)
+        rows = torch.arange(cap.shape[0], device=cap.device)
+        feats = F.normalize(hidden[rows, img_len - 1].float(), dim=-1)
         targets, tmask = caption_targets(cap, lengths, self.eos_token_id, complete)
-        # Position t_img-1+j predicts targets[:, j].
-        pred = hidden[:, t_img - 1: t_img - 1 + targets.shape[1]]
+        # Position img_len-1+j of a row predicts targets[:, j] (positions past the row are masked by tmask).
+        where = (img_len.unsqueeze(1) - 1 + torch.arange(targets.shape[1], device=cap.device)).clamp(
+            max=hidden.shape[1] - 1)
+        pred = hidden.gather(1, where.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         nll = token_nll(pred[tmask], self.backbone.lm_head(self.lvlm).weight, targets[tmask], chunk=self._ar_chunk)
         sample = torch.arange(cap.shape[0], device=cap.device).unsqueeze(1).expand_as(tmask)[tmask]
         nll_sum = torch.zeros(cap.shape[0], device=nll.device, dtype=torch.float32).index_add(0, sample, nll)
@@ -546,17 +561,29 @@ class VladVA(nn.Module):
             B decoded strings.
         """
         tok = tokenizer or getattr(self, "tokenizer", None)
+        new = self.generate_tokens(image, prompt, tok, max_new_tokens, **generate_kwargs)
+        return [tok.decode(row) for row in new]
+
+    @torch.no_grad()
+    def generate_tokens(self, image: torch.Tensor, prompt: str | Sequence[str] = "Describe the image.",
+                        tokenizer: VladVATokenizer | None = None, max_new_tokens: int = 32,
+                        **generate_kwargs) -> torch.Tensor:
+        """:meth:`generate` before decoding: the new token ids ``[B, N]`` (``N <= max_new_tokens``; a row that
+        ended early is filled with ``pad_token_id`` after its EOS), for callers that count tokens or need to know
+        whether a row stopped at EOS."""
+        tok = tokenizer or getattr(self, "tokenizer", None)
         if tok is None:
             raise ValueError("generate needs the tokenizer: pass tokenizer=open_clip.get_tokenizer(name)")
         image = self._check_image(image)
         prompts = [prompt] * len(image) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(image):
             raise ValueError(f"got {len(prompts)} prompts for {len(image)} images")
-        sizes = [hw(im.shape[-2:]) for im in image]
-        rows = []
-        for p, size in zip(prompts, sizes):
-            split = self._image_split(tok, p)  # the image tokens are specials: the body alone follows the size
-            rows.append(split.prefix + self._body_ids(size) + split.prompt + split.post)
+        splits = [self._image_split(tok, p) for p in prompts]
+        rows = [s.ids for s in splits]
+        sizes = self.backbone.image_sizes(self.lvlm.config, image)
+        if sizes is not None:  # each image's own number of image tokens
+            counts = [self.backbone.num_image_tokens(self.lvlm.config, hw) for hw in sizes]
+            rows = [s.prefix + self._image_body(n) + s.prompt + s.post for s, n in zip(splits, counts)]
         width = max(len(r) for r in rows)
         # Left padding: generation appends at the end of every row.
         ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -569,7 +596,7 @@ class VladVA(nn.Module):
         generate_kwargs.setdefault("do_sample", False)
         out = self.lvlm.generate(**kwargs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **generate_kwargs)
-        return [tok.decode(row[width:]) for row in out]
+        return out[:, width:]
 
 
 def _trainable_names(model: "VladVA") -> set[str]:

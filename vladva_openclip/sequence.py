@@ -50,3 +50,34 @@ def assemble(
     src = torch.cat([prefix.expand(b, *prefix.shape[1:]), body, suffix.expand(b, *suffix.shape[1:])], dim=1)
     gather_index = index.view(b, -1, *([1] * len(feat))).expand(b, index.shape[1], *feat)
     return src.gather(1, gather_index), mask
+
+
+def concat_rows(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate variable-length pieces per row with no gaps, right padding at the end.
+
+    The general form of :func:`assemble` (whose prefix and suffix have one length for every row): used where the
+    image part itself has a length of its own per row (LLaVA-NeXT's anyres tokens).
+
+    Args:
+        parts: ``(values [B or 1, W_k, *F], lengths [B] or [1])`` per piece; columns past a row's length are ignored.
+
+    Returns:
+        ``seq [B, T, *F]`` (padding positions repeat the first column; they are masked) and ``mask [B, T]``,
+        ``T = max(sum of lengths)``.
+    """
+    b = max(max(v.shape[0], n.shape[0]) for v, n in parts)
+    feat = parts[0][0].shape[2:]
+    src = torch.cat([v.expand(b, *v.shape[1:]) for v, _ in parts], dim=1)
+    lengths = torch.stack([n.to(src.device).expand(b) for _, n in parts], dim=1)  # [B, n]
+    ends = lengths.cumsum(1)
+    starts = ends - lengths
+    widths = torch.tensor([v.shape[1] for v, _ in parts], device=src.device)
+    offsets = widths.cumsum(0) - widths
+    total = ends[:, -1]
+    t = torch.arange(int(total.max()) if b else 0, device=src.device).unsqueeze(0)  # [1, T]
+    part = (t.unsqueeze(-1) >= ends.unsqueeze(1)).sum(-1).clamp(max=len(parts) - 1)  # [B, T]
+    index = offsets[part] + t - starts.gather(1, part)
+    valid = t < total.unsqueeze(1)
+    index = torch.where(valid, index, torch.zeros_like(index))
+    gather_index = index.view(b, -1, *([1] * len(feat))).expand(b, index.shape[1], *feat)
+    return src.gather(1, gather_index), valid.long()

@@ -172,6 +172,24 @@ class VladVATokenizer:
                                             f"{codec.parts.post!r}; set the template's answer_sep")
         return ids[first:]
 
+    # ---- a bound on the text read -------------------------------------------------------------------------------
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one vocabulary entry spells (byte-level and SentencePiece pieces spell at least one
+        character per covered character, so no token covers more of a caption than this)."""
+        if "max_token_chars" not in self._codecs:
+            vocab = self.tokenizer.get_vocab()
+            self._codecs["max_token_chars"] = max(1, max((len(t) for t in vocab), default=1))
+        return self._codecs["max_token_chars"]
+
+    def char_bound(self, length: int) -> int:
+        """Characters of a caption that certainly hold more than ``length`` tokens: 4 x (length + 16) x the longest
+        token. Only that much of a caption is tokenized, so a 5 MB table cell costs what a short one does, and the
+        result is the same as for the whole text: a caption that fits is shorter than the bound, and one that does
+        not is cut at a token boundary far before it. The factor 4 covers Unicode normalisation, which can fold up
+        to 3 characters into one before tokenizing."""
+        return 4 * (int(length) + 16) * self.max_token_chars
+
     # ---- open_clip's tokenizer protocol ---------------------------------------------------------------------
     @property
     def eos_token_id(self) -> int:
@@ -213,7 +231,9 @@ class VladVATokenizer:
         """
         texts, length = self._check(texts, context_length)
         rows, truncated = [], 0
+        bound = self.char_bound(length)
         for text in texts:
+            text = text[:bound]  # see char_bound: the tokens kept are the same, the cost is bounded
             if self.template is None:
                 ids = self.encode(text)
                 cut = len(ids) > length
@@ -237,7 +257,9 @@ class VladVATokenizer:
         """
         texts, length = self._check(texts, context_length)
         rows, truncated = [], 0
+        bound = self.char_bound(length)
         for text in texts:
+            text = text[:bound]  # see char_bound
             ids = self.answer_ids(text) if self.template is not None else self.encode(text)
             if len(ids) >= length:
                 truncated += len(ids) > length

@@ -11,6 +11,11 @@
 - Qwen2.5-VL and Qwen3-VL: the same choice (squash, measured the same way). Beside it, the dynamic-resolution
   families take images at their own size: :class:`NativeTransform` is the processor's geometry (``smart_resize``)
   under a pixel budget, and ``encode_image`` takes a list of such tensors of different sizes.
+- LLaVA-NeXT (``resize_mode="anyres"``): transformers' own ``LlavaNextImageProcessor`` (base view plus the grid
+  tiles of the best pinpoint, aspect ratio kept), packed with the image's size into one fixed-shape tensor that
+  open_clip can stack (``anyres.py``). Its open_clip ``resize_mode`` string carries the geometry
+  (``"anyres:336/14:336x672,..."``), so a saved ``preprocess_cfg`` rebuilds the same transform; the integration
+  dispatches it (``integration.py``, ``image_transform_v2``).
 """
 from __future__ import annotations
 
@@ -23,6 +28,12 @@ from .config import VladVAConfig
 def preprocess_cfg(cfg: VladVAConfig) -> dict[str, Any]:
     """open_clip ``PreprocessCfg`` fields of ``cfg``: ``image_size`` square, its mean/std, bicubic, its resize mode
     (padding, for ``"longest"``, is black, as open_clip pads)."""
+    if cfg.resize_mode == "anyres":
+        from .anyres import AnyresGeometry, resize_mode_string
+
+        geometry = AnyresGeometry.from_config(cfg.hf_config)
+        return {"size": geometry.canvas, "mode": "RGB", "mean": tuple(cfg.image_mean), "std": tuple(cfg.image_std),
+                "interpolation": "bicubic", "resize_mode": resize_mode_string(geometry), "fill_color": 0}
     return {
         "size": (cfg.image_size, cfg.image_size),
         "mode": "RGB",

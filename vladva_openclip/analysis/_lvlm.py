@@ -185,9 +185,13 @@ def encode_images_with_prompts(model: nn.Module, views: Sequence[nn.Module], pix
     if not views:
         return []
     pixels = model._check_image(pixels)
-    if not isinstance(pixels, torch.Tensor):
-        raise ValueError("encode_images_with_prompts takes a batch of one image size [B,3,H,W]")
-    vision = model.backbone.vision(model.lvlm, pixels)
+    backbone = model.backbone
+    if backbone.variable_image_tokens and not (backbone.dynamic_resolution and isinstance(pixels, torch.Tensor)):
+        # Each image has its own number of image tokens (LLaVA-NeXT; Qwen images of several sizes): no prefix is
+        # shared across a batch, so every view runs its own encode_image (the reference path). A Qwen batch of one
+        # size shares its prefix like any fixed-count family.
+        return [v.encode_image(pixels).float() for v in views]
+    vision = backbone.vision(model.lvlm, pixels)
     feats = vision.tokens.to(model.base_dtype)
     b = pixels.shape[0]
     size = tuple(pixels.shape[-2:])

@@ -63,7 +63,7 @@ def load_prompt_pairs(path: str | os.PathLike) -> list[PromptPair]:
     if not path.is_file():
         raise PromptFileError(f"prompt file {path} does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # utf-8-sig: a BOM is no part of a prompt
     except UnicodeDecodeError as err:
         raise PromptFileError(f"prompt file {path} is not UTF-8 text: {err}") from err
     while lines and not lines[-1].strip():  # trailing newlines at the end of the file are not candidates

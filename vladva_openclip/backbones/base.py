@@ -60,11 +60,13 @@ class VisionOutput:
 
     Attributes:
         tokens: ``[N_total, H_llm]`` projected features that fill the image-token slots, image after image.
+        counts: ``[B]`` image tokens of each image (``N_total = counts.sum()``).
         layer_tokens: per early LLM layer ``i``, ``[N_total, H_llm]`` features added to that layer's output at the
             image slots (Qwen3-VL's DeepStack); empty for families that only fill the slots.
     """
 
     tokens: torch.Tensor
+    counts: torch.Tensor
     layer_tokens: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -74,8 +76,12 @@ class Backbone:
     name: str = ""
     model_class_name: str = ""  # attribute of ``transformers``
     model_types: tuple[str, ...] = ()  # config.json ``model_type`` values of checkpoints this family loads
-    # True when the vision tower takes any image size its check_image_size allows (and per-image sizes within one
-    # batch, as a list of [3, H, W] tensors): the number of image tokens then follows each image's size.
+    # True when the number of image tokens depends on each image (LLaVA-NeXT's anyres tiles, Qwen's dynamic
+    # resolution): the model then
+    # assembles right-padded image rows of their own lengths (see VladVA._image_rows).
+    variable_image_tokens: bool = False
+    # True when the vision tower takes tensors of any size its check_image_size allows (and per-image sizes within
+    # one batch, as a list of [3, H, W] tensors): the number of image tokens follows each tensor's size (Qwen).
     dynamic_resolution: bool = False
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -189,17 +195,32 @@ class Backbone:
     def check_image_size(self, config, image_size: int) -> None:
         """Raise ValueError when an image side is not supported by the family."""
 
+    def input_size(self, config, image_size: int) -> tuple[int, int]:
+        """``(height, width)`` of the image tensors ``encode_image`` takes (the preprocess transform's output)."""
+        return image_size, image_size
+
     def image_features(self, lvlm: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         """``pixels [B,3,H,W]`` (normalised) -> projected vision features ``[B, N, H_llm]``."""
         raise NotImplementedError
 
+    def image_batch(self, lvlm: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``pixels`` -> (features ``[B, N_max, H_llm]``, right-padded, and the count of each image ``[B]``).
+        Fixed-count families: every count is ``N``."""
+        feats = self.image_features(lvlm, pixels)
+        return feats, torch.full((feats.shape[0],), feats.shape[1], dtype=torch.long, device=feats.device)
+
+    def image_sizes(self, config, pixels: torch.Tensor) -> list[tuple[int, int]] | None:
+        """Original ``(height, width)`` of each image where the token count depends on it; None otherwise."""
+        return None
+
     def vision(self, lvlm: nn.Module, images: torch.Tensor | list[torch.Tensor]) -> VisionOutput:
         """Everything the vision side gives the LLM for ``images`` (``[B,3,H,W]``, or a list of ``[3,H_i,W_i]``
-        for dynamic-resolution families); the default is :meth:`image_features`, flattened."""
+        for dynamic-resolution families); the default is :meth:`image_batch`, flattened."""
         if isinstance(images, (list, tuple)):
             images = torch.stack(list(images))
-        feats = self.image_features(lvlm, images)
-        return VisionOutput(feats.reshape(-1, feats.shape[-1]))
+        feats, counts = self.image_batch(lvlm, images)
+        real = torch.arange(feats.shape[1], device=feats.device).unsqueeze(0) < counts.unsqueeze(1)
+        return VisionOutput(feats[real], counts)
 
     def injection_kwargs(self, layer_tokens: list[torch.Tensor], slots: torch.Tensor) -> dict[str, Any]:
         """Language-model keyword arguments carrying :attr:`VisionOutput.layer_tokens` into the LLM's early layers,

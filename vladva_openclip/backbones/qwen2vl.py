@@ -49,6 +49,7 @@ class Qwen2VLBackbone(Backbone):
     name = "qwen2vl"
     model_class_name = "Qwen2VLForConditionalGeneration"
     model_types = ("qwen2_vl",)
+    variable_image_tokens = True
     dynamic_resolution = True
 
     def frozen_towers(self, lvlm: nn.Module) -> list[nn.Module]:
@@ -88,12 +89,20 @@ class Qwen2VLBackbone(Backbone):
         return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
 
     def _vision_call(self, lvlm: nn.Module, images):
+        """(transformers' vision output, image tokens of each image ``[B]``)."""
         flat, grid = self._patches(lvlm.config, images)
-        return lvlm.model.get_image_features(pixel_values=flat, image_grid_thw=grid, return_dict=True)
+        merge = int(lvlm.config.vision_config.spatial_merge_size)
+        counts = grid.prod(-1) // merge ** 2
+        return lvlm.model.get_image_features(pixel_values=flat, image_grid_thw=grid, return_dict=True), counts
 
     def vision(self, lvlm: nn.Module, images) -> VisionOutput:
-        feats = self._vision_call(lvlm, images).pooler_output
-        return VisionOutput(torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats)
+        out, counts = self._vision_call(lvlm, images)
+        feats = out.pooler_output
+        return VisionOutput(torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats, counts)
+
+    def image_sizes(self, config, pixels) -> list[tuple[int, int]]:
+        """The size of each image tensor (its number of image tokens follows it)."""
+        return [hw(im.shape[-2:]) for im in pixels]
 
     def image_features(self, lvlm: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.vision(lvlm, pixels).tokens

@@ -26,9 +26,9 @@ class Qwen3VLBackbone(Qwen2VLBackbone):
     model_types = ("qwen3_vl",)
 
     def vision(self, lvlm: nn.Module, images) -> VisionOutput:
-        out = self._vision_call(lvlm, images)
+        out, counts = self._vision_call(lvlm, images)
         layers = [torch.cat(list(f)) if isinstance(f, (list, tuple)) else f for f in out.deepstack_features]
-        return VisionOutput(torch.cat(list(out.pooler_output)), layers)
+        return VisionOutput(torch.cat(list(out.pooler_output)), counts, layers)
 
     def injection_kwargs(self, layer_tokens: list[torch.Tensor], slots: torch.Tensor) -> dict[str, Any]:
         # Qwen3VLTextModel adds deepstack_visual_embeds[i] (rows in slot order) to layer i's output at the slots.

@@ -25,19 +25,24 @@ def read_json(path: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as err:
         raise AnnotationError(path, None, f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise AnnotationError(path, None, f"not UTF-8 text (byte {err.start}); save it as UTF-8") from None
 
 
 def read_jsonl(path: Path) -> list[tuple[int, Any]]:
     """``(line_number, object)`` for every non-blank line of a JSON-lines file."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise AnnotationError(path, f"at line {lineno}", f"not valid JSON ({err.msg})") from err
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as err:
+                    raise AnnotationError(path, f"at line {lineno}", f"not valid JSON ({err.msg})") from err
+    except UnicodeDecodeError as err:
+        raise AnnotationError(path, None, f"not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     return rows
 
 

@@ -117,6 +117,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_tasks_file(path: str | Path) -> list[dict[str, Any]]:
+    """``--tasks-file``: a JSON list of ``{"task": TYPE, ...}`` objects; AnnotationError naming the file and entry."""
+    from ._jsonio import as_path, read_json
+    from .errors import AnnotationError
+
+    path = as_path(path, "--tasks-file")
+    try:
+        specs = read_json(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnotationError(path, None, f"cannot be read as UTF-8 JSON ({err})") from None
+    if not isinstance(specs, list):
+        raise AnnotationError(path, None, f'expected a JSON list of {{"task": TYPE, ...}} objects, got a '
+                                          f"{type(specs).__name__}")
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise AnnotationError(path, f"[{i}]", f'expected an object {{"task": TYPE, ...}}, got '
+                                                  f"{type(spec).__name__}")
+        if spec.get("task") not in TASKS:
+            raise AnnotationError(path, f"[{i}]", f"unknown task type {spec.get('task')!r}; available: "
+                                                  f"{', '.join(sorted(TASKS))}")
+    return specs
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
@@ -125,8 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     tasks: list[dict[str, Any]] = []
     if args.tasks_file:
-        with open(args.tasks_file, encoding="utf-8") as f:
-            tasks.extend(json.load(f))
+        try:
+            tasks.extend(read_tasks_file(args.tasks_file))
+        except EvalDataError as err:
+            print(f"vladva-eval: error: {err}", file=sys.stderr)
+            return 2
     tasks.extend(args.tasks)
     if not tasks:
         print("vladva-eval: give at least one --task (or --tasks-file)", file=sys.stderr)

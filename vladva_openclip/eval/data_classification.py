@@ -16,7 +16,7 @@ import open_clip
 import torch
 
 from ._jsonio import as_path
-from .errors import EmptyDatasetError, EvalDataError
+from .errors import AnnotationError, EmptyDatasetError, EvalDataError
 from .images import IMAGE_EXTENSIONS, ImageSet
 
 __all__ = ["TEMPLATE_SETS", "ClassificationData", "load_image_folder", "render_template", "resolve_templates"]
@@ -50,11 +50,21 @@ def render_template(template: Template, classname: str) -> str:
 
 def _read_list(path: Path) -> list[str]:
     """A JSON list, or one entry per non-blank line of a text file."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise AnnotationError(path, None, f"cannot be read as UTF-8 text ({err})") from None
     if path.suffix == ".json":
-        obj = json.loads(text)
-        if not isinstance(obj, list) or not all(isinstance(x, str) for x in obj):
-            raise EvalDataError(f"{path}: expected a JSON list of strings")
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise AnnotationError(path, None, f"not valid JSON (line {err.lineno}, column {err.colno}: "
+                                              f"{err.msg})") from None
+        if not isinstance(obj, list):
+            raise AnnotationError(path, None, f"expected a JSON list of strings, got a {type(obj).__name__}")
+        bad = next((i for i, x in enumerate(obj) if not isinstance(x, str)), None)
+        if bad is not None:
+            raise AnnotationError(path, f"[{bad}]", f"expected a string, got {type(obj[bad]).__name__}")
         return obj
     return [line.strip() for line in text.splitlines() if line.strip()]
 
@@ -69,13 +79,18 @@ def resolve_templates(templates: str | os.PathLike | Sequence[Template]) -> list
             raise EvalDataError(f"templates {templates!r}: not a named set ({', '.join(TEMPLATE_SETS)}) "
                                 "and not a file")
         out: list[Template] = list(_read_list(path))
+        source: Path | None = path
     else:
         out = list(templates)
+        source = None
     if not out:
-        raise EvalDataError("no prompt templates given")
-    for t in out:
+        raise EvalDataError(f"{source}: holds no prompt templates" if source else "no prompt templates given")
+    for i, t in enumerate(out):
         if isinstance(t, str) and "{}" not in t and "{c}" not in t:
-            raise EvalDataError(f"template {t!r} has no '{{}}' or '{{c}}' placeholder for the class name")
+            problem = f"template {t!r} has no '{{}}' or '{{c}}' placeholder for the class name"
+            if source is not None:
+                raise AnnotationError(source, f"[{i}]", problem)
+            raise EvalDataError(problem)
     return out
 
 

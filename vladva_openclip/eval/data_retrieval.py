@@ -59,7 +59,7 @@ def _karpathy_entries(obj: dict, path: Path, split: str | None, options: dict[st
     splits_seen: set[str] = set()
     for i, img in enumerate(images):
         where = f"images[{i}]"
-        img_split = require_field(img, "split", path, where)
+        img_split = require_str(img, "split", path, where)
         splits_seen.add(img_split)
         if split is not None and img_split != split:
             continue
@@ -100,18 +100,25 @@ def _per_image_entries(obj: list, path: Path, split: str | None, options: dict[s
         yield _Entry(f"[{first_row[image]}]", (image,), tuple(grouped[image]))
 
 
+def _require_id(entry: Any, field: str, path: Path, where: str) -> int | str:
+    value = require_field(entry, field, path, where)
+    if not isinstance(value, (int, str)) or isinstance(value, bool):
+        raise AnnotationError(path, where, f"field {field!r} must be an integer or a string, got {value!r:.60}")
+    return value
+
+
 def _coco_entries(obj: dict, path: Path, split: str | None, options: dict[str, Any]) -> Iterator[_Entry]:
     domain = options.get("domain")
     captions: dict[Any, list[str]] = {}
     for i, ann in enumerate(obj["annotations"]):
         where = f"annotations[{i}]"
-        image_id = require_field(ann, "image_id", path, where)
+        image_id = _require_id(ann, "image_id", path, where)
         captions.setdefault(image_id, []).append(require_str(ann, "caption", path, where).strip())
     known_ids = set()
     no_caption = 0
     for i, img in enumerate(obj["images"]):
         where = f"images[{i}]"
-        image_id = require_field(img, "id", path, where)
+        image_id = _require_id(img, "id", path, where)
         known_ids.add(image_id)
         file_name = require_str(img, "file_name", path, where)
         if domain is not None and img.get("domain") != domain:

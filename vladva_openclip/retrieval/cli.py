@@ -41,7 +41,8 @@ def _embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-images", dest="images", action="store_false", help="caption embeddings only")
     texts = p.add_mutually_exclusive_group()
     texts.add_argument("--texts", dest="texts", action="store_const", const=True, default=None,
-                       help="embed captions; rows without one are skipped (default: when every row has one)")
+                       help="embed captions; rows without one keep their image embedding and get an all-zero "
+                            "text vector, counted in the manifest (default: when every row has one)")
     texts.add_argument("--no-texts", dest="texts", action="store_const", const=False, help="image embeddings only")
     p.add_argument("--shard-size", type=int, default=50_000,
                    help="rows per output shard, the unit of resuming (default: %(default)s; webdataset: one per tar)")
@@ -67,8 +68,8 @@ def _embed(args: argparse.Namespace) -> int:
     try:
         config = EmbedJobConfig(**{k: getattr(args, k) for k in keys}, precision=args.precision or "fp32")
         manifest = run_embed(config)
-    except (EmbedJobError, ValueError, FileNotFoundError) as err:
-        print(f"vladva embed: error: {err}", file=sys.stderr)
+    except (EmbedJobError, ValueError, OSError) as err:
+        print(f"vladva embed: error: {_one_line(err)}", file=sys.stderr)
         return 2
     c = manifest["counts"]
     print(f"embedded {c['embedded']} rows ({c['images']} images, {c['texts']} captions; {c['skipped']} skipped) "
@@ -107,8 +108,8 @@ def _index(args: argparse.Namespace) -> int:
             "index_type", "flat_threshold", "max_memory", "target_recall", "hnsw_m", "ivf_nlist", "pq_m",
             "n_queries", "k", "threads")})
         meta = build_index(args.embeddings, args.output, args.kind, config)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"vladva index: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as err:
+        print(f"vladva index: error: {_one_line(err)}", file=sys.stderr)
         return 2
     recall = ", ".join(f"{k} {v}" for k, v in meta["expected_recall"].items() if k.startswith("recall"))
     print(f"{meta['factory']} over {meta['count']} x {meta['dim']} vectors: {meta['memory_bytes'] / 2**20:.1f} MiB, "
@@ -128,32 +129,59 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--html", default=None, metavar="OUT", help="also write a static page with thumbnails")
 
 
+def _output_file(path: str | None, flag: str) -> str | None:
+    """An error line when ``path`` cannot be an output file (a folder, or under a file)."""
+    if path is None:
+        return None
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        return f"{flag} {path} is a folder: give a file name, e.g. {p / ('hits.json' if flag == '--json' else 'hits.html')}"
+    if any(parent.exists() and not parent.is_dir() for parent in p.absolute().parents):
+        return f"{flag} {path}: a part of the path is a file, not a folder; give another path"
+    return None
+
+
 def _search(args: argparse.Namespace) -> int:
     from .search import Query, run_search
 
     _add_model_configs(args.model_config_dir)
     queries = [Query("text", t) for t in args.text] + [Query("image", i) for i in args.image]
+    problem = _output_file(args.json_out, "--json") or _output_file(args.html, "--html")
+    if problem:
+        print(f"vladva search: error: {problem}", file=sys.stderr)
+        return 2
     try:
         results = run_search(args.source, queries, k=args.k, kind=args.kind, model=args.model,
                              pretrained=args.pretrained, device=args.device or "cpu", precision=args.precision)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        print(f"vladva search: error: {err}", file=sys.stderr)
+        text = json.dumps(results, indent=2, ensure_ascii=False, allow_nan=False)  # standard JSON only
+        if args.json_out:
+            from pathlib import Path
+
+            from .layout import atomic_write_bytes
+
+            atomic_write_bytes(Path(args.json_out), (text + "\n").encode("utf-8"))
+        else:
+            print(text)
+        if args.html:
+            from .html import write_html
+
+            path = write_html(results, args.html, title="vladva search: " + "; ".join(q.value for q in queries))
+            print(f"page: {path}", file=sys.stderr)
+    except (ValueError, OSError, ImportError) as err:
+        print(f"vladva search: error: {_one_line(err)}", file=sys.stderr)
         return 2
-    text = json.dumps(results, indent=2, ensure_ascii=False)
-    if args.json_out:
-        from pathlib import Path
-
-        from .layout import atomic_write_bytes
-
-        atomic_write_bytes(Path(args.json_out), (text + "\n").encode("utf-8"))
-    else:
-        print(text)
-    if args.html:
-        from .html import write_html
-
-        path = write_html(results, args.html, title="vladva search: " + "; ".join(q.value for q in queries))
-        print(f"page: {path}", file=sys.stderr)
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (OSError: with the file it names)."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror or err}"
+    else:
+        text = str(err)
+    return " ".join(text.split())
 
 
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {

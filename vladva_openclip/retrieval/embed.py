@@ -5,11 +5,14 @@ and the tokenizer are used, through the evaluator's precision handling and lengt
 
 - Partitions are fixed by the input and ``shard_size`` alone (see :mod:`.sources`); under torchrun rank ``r`` of
   ``W`` takes partitions ``k % W == r`` and writes their shards itself.
-- Resumable: a shard is skipped when its marker exists (see :mod:`.layout`); a rerun of the same command redoes
-  only unfinished shards and gives byte-identical files. A rerun with other settings into the same folder is
-  refused (``overwrite=True`` starts over).
+- Resumable: a shard is skipped when its marker exists (see :mod:`.layout`) and records the same inputs (a hash
+  of the partition's file names, sizes, mtimes and captions, or of the tar's); a rerun of the same command redoes
+  only unfinished shards and shards whose inputs changed, and gives byte-identical files. A rerun with other
+  settings into the same folder is refused (``overwrite=True`` starts over).
 - A missing or corrupt image is skipped: logged, counted, and listed in the manifest with its reason; rows of
-  the three files stay aligned.
+  the three files stay aligned. So is a row whose embedding came out NaN/inf.
+- Every image is embedded whether or not it has a caption. With text embeddings on, a row without a caption gets
+  an all-zero text vector (search never returns it) and is counted in the manifest (``counts.captionless``).
 """
 from __future__ import annotations
 
@@ -59,9 +62,10 @@ class EmbedJobConfig:
     input: an image folder, a .csv/.tsv table or webdataset shards (``input_format`` auto-detects);
     output: the embedding folder; model/pretrained: open_clip names (also recorded in the manifest when a built
     model is passed to :func:`run_embed`); images/texts: which embeddings to write (texts None: when the input has a
-    caption for every row; True: rows without a caption are skipped); shard_size: rows per output shard (files and
+    caption for every row; True: also when some rows have none); shard_size: rows per output shard (files and
     webdataset: one shard per tar); dtype: float16 or float32; precision: as for vladva-eval; device: default
-    ``cuda:LOCAL_RANK`` when CUDA is there, else CPU; workers: image-decoding processes per rank.
+    ``cuda:LOCAL_RANK`` when CUDA is there, else CPU; workers: image-decoding processes per rank. Rows without a
+    caption keep their image embedding; their text vector is all zeros.
     """
 
     input: str
@@ -123,12 +127,10 @@ class _Job:
                                       EmbedConfig(batch_size=config.batch_size, precision=config.precision,
                                                   progress=False), device=device)
 
-    def _finish(self, emb: torch.Tensor) -> np.ndarray:
-        """[B, D] -> L2-normalised in fp32, then the output dtype."""
-        emb = F.normalize(emb.float(), dim=-1)
-        if not torch.isfinite(emb).all():
-            _logger.warning("non-finite embeddings in a batch (the model produced NaN/inf); they are written as is")
-        return emb.cpu().numpy().astype(self.dtype)
+    def _finite(self, emb: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """[B, D] -> (L2-normalised in fp32 then the output dtype, [B] bool: the row is finite after the cast)."""
+        out = F.normalize(emb.float(), dim=-1).cpu().numpy().astype(self.dtype)
+        return out, np.isfinite(out).all(axis=1)
 
     @torch.no_grad()
     def partition(self, k: int, bar) -> _Shard:
@@ -136,41 +138,60 @@ class _Job:
         dataset = self.source.dataset(k, c.shard_size, self.preprocess if c.images else None)
         loader = DataLoader(dataset, batch_size=c.batch_size, shuffle=False, num_workers=c.workers,
                             collate_fn=_as_list, pin_memory=self.device.type == "cuda")
-        rows, keys, captions, shards, skipped, image_parts = [], [], [], [], [], []
+        good: list[Sample] = []
+        skipped: list[dict[str, Any]] = []
+        image_parts, image_ok = [], []
         image_dtype = PRECISIONS[c.precision].images
+
+        def skip(s: Sample, reason: str) -> None:
+            self.skips.record(s.key, reason)
+            skipped.append({"row": s.row, "key": s.key, "reason": reason, **({"shard": s.shard} if s.shard else {})})
+
         for batch in loader:
-            good = []
+            kept = []
             for s in batch:
-                reason = s.error if c.images and s.error else None
-                if reason is None and self.texts and s.caption is None:
-                    reason = "no caption"
-                if reason is not None:
-                    self.skips.record(s.key, reason)
-                    skipped.append({"row": s.row, "key": s.key, "reason": reason, **({"shard": s.shard}
-                                                                                      if s.shard else {})})
+                if c.images and s.error:
+                    skip(s, s.error)
+                elif not c.images and self.texts and s.caption is None:
+                    skip(s, "no caption (captions only: --no-images)")
                 else:
-                    good.append(s)
-            if c.images and good:
-                pixels = torch.stack([s.pixels for s in good]).to(self.device, non_blocking=True)
+                    kept.append(s)
+            if c.images and kept:
+                pixels = torch.stack([s.pixels for s in kept]).to(self.device, non_blocking=True)
                 pixels = pixels.to(image_dtype) if image_dtype is not None else pixels
                 with autocast_for(c.precision, self.device):
-                    image_parts.append(self._finish(self.model.encode_image(pixels, normalize=True)))
-            for s in good:
-                rows.append(s.row)
-                keys.append(s.key)
-                captions.append(s.caption)
-                shards.append(s.shard)
+                    emb, ok = self._finite(self.model.encode_image(pixels, normalize=True))
+                image_parts.append(emb)
+                image_ok.append(ok)
+            good += kept
             if bar is not None:
                 bar.update(len(batch))
-        order = np.argsort(np.asarray(rows, dtype=np.int64), kind="stable")  # webdataset workers interleave rows
-        pick = order.tolist()
-        image = np.concatenate(image_parts)[order] if image_parts else None
+        order = np.argsort(np.asarray([s.row for s in good], dtype=np.int64), kind="stable")  # workers interleave
+        good = [good[i] for i in order.tolist()]
+        keep = np.ones(len(good), dtype=bool)
+        image = None
+        if image_parts:
+            image = np.concatenate(image_parts)[order]
+            keep &= np.concatenate(image_ok)[order]
         text = None
-        if self.texts and pick:
-            emb = self.text_embedder.texts([captions[i] for i in pick])
-            text = self._finish(emb)
-        return _Shard([rows[i] for i in pick], [keys[i] for i in pick], [captions[i] for i in pick],
-                      [shards[i] for i in pick], image, text, sorted(skipped, key=lambda r: r["row"]))
+        if self.texts and good:
+            text = np.zeros((len(good), image.shape[1] if image is not None else 0), dtype=self.dtype)
+            captioned = [i for i, s in enumerate(good) if s.caption is not None]
+            if captioned:
+                emb, ok = self._finite(self.text_embedder.texts([good[i].caption for i in captioned]))
+                if text.shape[1] != emb.shape[1]:
+                    text = np.zeros((len(good), emb.shape[1]), dtype=self.dtype)
+                text[captioned] = emb
+                keep[np.asarray(captioned)[~ok]] = False
+        for i in np.flatnonzero(~keep).tolist():
+            skip(good[i], "non-finite embedding (the model produced NaN/inf for this row)")
+        if not keep.all():
+            _logger.warning("shard %d: %d rows had NaN/inf embeddings and were skipped", k, int((~keep).sum()))
+        good = [s for s, ok in zip(good, keep.tolist()) if ok]
+        image = image[keep] if image is not None else None
+        text = text[keep] if text is not None else None
+        return _Shard([s.row for s in good], [s.key for s in good], [s.caption for s in good],
+                      [s.shard for s in good], image, text, sorted(skipped, key=lambda r: r["row"]))
 
     def metadata(self, shard: _Shard) -> pd.DataFrame:
         """clip-retrieval's columns (image_path, caption) plus the input row (and the tar, for webdataset)."""
@@ -204,6 +225,11 @@ def _job_record(config: EmbedJobConfig, source: Source, texts: bool, model: torc
     }
 
 
+def _plain_json(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` as it reads back from JSON (tuples become lists), so a rerun compares like with like."""
+    return json.loads(json.dumps(record, default=str))
+
+
 def _digest(record: dict[str, Any]) -> str:
     return hashlib.blake2b(json.dumps(record, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
@@ -214,8 +240,9 @@ def _prepare_output(out: OutputFolder, job: dict[str, Any], overwrite: bool) -> 
     if out.job_file.is_file():
         try:
             existing = json.loads(out.job_file.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             existing = None
+        existing = existing if isinstance(existing, dict) else None
     if not overwrite:
         if existing is not None and existing.get("digest") != job["digest"]:
             diffs = sorted(k for k in set(job) | set(existing) if k != "digest" and job.get(k) != existing.get(k))
@@ -246,8 +273,8 @@ def _resolve_texts(config: EmbedJobConfig, source: Source) -> bool:
         return False
     missing = getattr(source, "missing_captions", lambda: 0)()
     if missing:
-        _logger.warning("%d rows have no caption: text embeddings are off (pass --texts to embed the captions and "
-                        "skip rows without one)", missing)
+        _logger.warning("%d rows have no caption: text embeddings are off (pass --texts to embed the captions too; "
+                        "rows without one keep their image and get an all-zero text vector)", missing)
         return False
     return True
 
@@ -273,6 +300,11 @@ def _run(config, ctx, model, preprocess, tokenizer, on_shard) -> dict[str, Any]:
     from ..eval.api import ModelSpec, load_model
 
     start = time.perf_counter()
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise EmbedJobError(f"--output {output} is a file: give a folder (new, or one vladva embed wrote)")
+    if any(parent.exists() and not parent.is_dir() for parent in output.absolute().parents):
+        raise EmbedJobError(f"--output {output}: a part of the path is a file, not a folder; give another folder")
     source = open_source(config.input, config.input_format, csv_img_key=config.csv_img_key,
                          csv_caption_key=config.csv_caption_key, csv_separator=config.csv_separator,
                          wds_caption_key=config.wds_caption_key)
@@ -292,7 +324,7 @@ def _run(config, ctx, model, preprocess, tokenizer, on_shard) -> dict[str, Any]:
         model = model.to(device).eval()
     partition_count = source.partition_count(config.shard_size)
     out = OutputFolder(config.output, partition_count)
-    job = _job_record(config, source, texts, model, preprocess, tokenizer, partition_count)
+    job = _plain_json(_job_record(config, source, texts, model, preprocess, tokenizer, partition_count))
     job["digest"] = _digest(job)
     error = _prepare_output(out, job, config.overwrite) if ctx.rank == 0 else None
     error = ctx.broadcast(error)
@@ -303,12 +335,19 @@ def _run(config, ctx, model, preprocess, tokenizer, on_shard) -> dict[str, Any]:
     mine = [k for k in range(partition_count) if k % ctx.world_size == ctx.rank]
     records: dict[int, dict[str, Any]] = {}
     todo = []
+    inputs = {k: source.partition_fingerprint(k, config.shard_size) for k in mine}
+    changed = []
     for k in mine:
         done = out.finished(k)
-        if done is not None and done.get("digest") == job["digest"]:
+        if done is not None and done.get("digest") == job["digest"] and done.get("inputs") == inputs[k]:
             records[k] = done
         else:
+            if done is not None and done.get("digest") == job["digest"]:
+                changed.append(k)
             todo.append(k)
+    if changed:
+        _logger.warning("rank %d: the inputs of finished shard(s) %s changed since they were embedded; embedding "
+                        "them again", ctx.rank, changed)
     if records:
         _logger.info("rank %d: %d of its %d shards are already finished; %d to go", ctx.rank, len(records),
                      len(mine), len(todo))
@@ -328,7 +367,8 @@ def _run(config, ctx, model, preprocess, tokenizer, on_shard) -> dict[str, Any]:
             if shard.text is not None:
                 arrays["text"] = shard.text
             record = out.write_shard(k, arrays, runner.metadata(shard), {
-                "digest": job["digest"], "rank": ctx.rank, "skipped": shard.skipped,
+                "digest": job["digest"], "inputs": inputs[k], "rank": ctx.rank, "skipped": shard.skipped,
+                "captionless": sum(c is None for c in shard.captions) if shard.text is not None else 0,
                 "embed_dim": next((int(a.shape[1]) for a in arrays.values()), None),
                 "seconds": round(time.perf_counter() - t0, 3)})
             records[k] = record
@@ -341,7 +381,7 @@ def _run(config, ctx, model, preprocess, tokenizer, on_shard) -> dict[str, Any]:
             bar.close()
     gathered = ctx.gather(records)
     manifest = _manifest(config, job, {k: r for part in gathered for k, r in part.items()}, ctx,
-                         time.perf_counter() - start)
+                         time.perf_counter() - start, source.image_roots(), source.caption_errors())
     if ctx.rank == 0:
         atomic_write_json(Path(config.output) / MANIFEST, manifest)
         c = manifest["counts"]
@@ -352,13 +392,17 @@ def _run(config, ctx, model, preprocess, tokenizer, on_shard) -> dict[str, Any]:
 
 
 def _manifest(config: EmbedJobConfig, job: dict[str, Any], records: dict[int, dict[str, Any]], ctx: DistContext,
-              seconds: float) -> dict[str, Any]:
+              seconds: float, image_roots: list[str], caption_errors: list[dict[str, str]]) -> dict[str, Any]:
+    """The job's record plus counts (``captionless``: rows embedded with no caption, their text vector all zeros;
+    ``caption_errors``: caption files that could not be read, their rows kept as caption-less), what was skipped and
+    why, and ``image_roots``: where the inputs' images are (what a results page may show)."""
     import open_clip
 
     import vladva_openclip
 
     skipped = [dict(s, output_shard=k) for k in sorted(records) for s in records[k].get("skipped", [])]
     embedded = sum(r["count"] for r in records.values())
+    captionless = sum(int(r.get("captionless", 0)) for r in records.values())
     dims = {r.get("embed_dim") for r in records.values()} - {None}
     return {
         **{k: v for k, v in job.items() if k != "digest"},
@@ -368,9 +412,13 @@ def _manifest(config: EmbedJobConfig, job: dict[str, Any], records: dict[int, di
         "metadata_columns": ["image_path", "caption", "row"] + (["shard"] if job["input"]["kind"] == "webdataset"
                                                                 else []),
         "counts": {"embedded": embedded, "skipped": len(skipped), "rows_read": embedded + len(skipped),
-                   "images": embedded if config.images else 0, "texts": embedded if job["texts"] else 0,
+                   "images": embedded if config.images else 0,
+                   "texts": embedded - captionless if job["texts"] else 0, "captionless": captionless,
+                   "caption_errors": len(caption_errors),
                    "shards": len(records), "empty_shards": sum(r["count"] == 0 for r in records.values())},
         "skipped": skipped,
+        "caption_errors": caption_errors,
+        "image_roots": image_roots,
         "shards": [{"shard": k, "count": r["count"], "skipped": len(r.get("skipped", [])), "rank": r.get("rank"),
                     "seconds": r.get("seconds")} for k, r in sorted(records.items())],
         "world_size": ctx.world_size,

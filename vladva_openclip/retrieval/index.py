@@ -14,6 +14,12 @@ Everything chosen and measured goes into ``{kind}.index.json`` next to ``{kind}.
 
 Vectors are read shard by shard; exact neighbours for the recall estimate are merged across shards, so nothing
 needs the whole [N, D] matrix at once except the flat and HNSW indexes themselves.
+
+The index is tied to the exact vectors it was built from: ``{kind}.index.json`` records every shard file's size,
+mtime and content hash, the embedding manifest's model (name, pretrained tag, weights fingerprint, job digest), and
+where the embedding folder is both relative to the index folder and absolute. ``vladva search`` checks all of it
+(:mod:`.search`). NaN/inf vectors are refused here (a shard holding one names its file and row); all-zero vectors
+(caption-less rows of text embeddings) are counted as ``blank_rows`` so search can leave them out.
 """
 from __future__ import annotations
 
@@ -30,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from .layout import EmbeddingFolder, atomic_write_bytes, atomic_write_json
+from .layout import EmbeddingFolder, EmbeddingFolderError, atomic_write_bytes, atomic_write_json
 
 __all__ = ["INDEX_TYPES", "IndexConfig", "IndexPlan", "build_index", "choose_index", "import_faiss",
-           "index_paths", "parse_bytes", "recall_at_k"]
+           "index_paths", "manifest_identity", "parse_bytes", "rebuild_command", "recall_at_k"]
 
 _logger = logging.getLogger(__name__)
 
@@ -86,6 +92,12 @@ class IndexConfig:
             raise ValueError(f"index type {self.index_type!r}: choose from {INDEX_TYPES}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        for name in ("flat_threshold", "hnsw_m", "k_factor", "n_queries", "k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("ivf_nlist", "pq_m", "train_size", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         parse_bytes(self.max_memory)
 
 
@@ -204,6 +216,43 @@ def _set_knob(index, name: str, value: int) -> None:
     faiss.ParameterSpace().set_index_parameter(index, name, value)
 
 
+#: the fewest training vectors of 8-bit PQ codes: one per centroid of each sub-quantizer (faiss refuses fewer)
+PQ_MIN_TRAIN = 256
+
+
+def manifest_identity(manifest: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What an index records of the embedding manifest: the model (name, pretrained, weights fingerprint) and the
+    job digest. None for a folder without a manifest (clip-retrieval's own)."""
+    if manifest is None:
+        return None
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    return {"model": model.get("name"), "pretrained": model.get("pretrained"),
+            "weights_fingerprint": model.get("weights_fingerprint"), "digest": manifest.get("digest")}
+
+
+def rebuild_command(embeddings: str | os.PathLike, out_dir: str | os.PathLike, kind: str,
+                    index_type: str | None = None) -> str:
+    """The ``vladva index`` command line that rebuilds an index."""
+    extra = f" --index-type {index_type}" if index_type and index_type != "auto" else ""
+    return f"vladva index {embeddings} -o {out_dir} --kind {kind}{extra}"
+
+
+def _scan(folder: EmbeddingFolder) -> int:
+    """Refuse NaN/inf vectors (naming the first shard file and row); return the number of all-zero rows."""
+    bad, blank = [], 0
+    for s, array in zip(folder.shards, folder.iter_arrays()):
+        x = np.asarray(array, dtype=np.float32)
+        finite = np.isfinite(x).all(axis=1)
+        bad += [(s.embeddings, int(r)) for r in np.flatnonzero(~finite)]
+        blank += int((finite & ~x.any(axis=1)).sum())
+    if bad:
+        path, row = bad[0]
+        raise EmbeddingFolderError(f"{path} row {row}" + (f" and {len(bad) - 1} more rows" if len(bad) > 1 else "")
+                                   + " hold NaN/inf values: an index cannot rank them. Re-embed with vladva embed "
+                                   "(it skips and counts such rows) or remove those rows")
+    return blank
+
+
 def index_paths(out_dir: str | os.PathLike, kind: str) -> tuple[Path, Path]:
     """``(index file, its metadata JSON)`` for ``kind`` embeddings in ``out_dir``."""
     out = Path(out_dir)
@@ -217,10 +266,22 @@ def build_index(embeddings: str | os.PathLike, out_dir: str | os.PathLike, kind:
     config = config or IndexConfig()
     if config.threads:
         faiss.omp_set_num_threads(config.threads)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"index folder {out} is a file: give a folder (new or existing) to -o")
     folder = EmbeddingFolder(embeddings, kind)
-    n = len(folder)
-    d = int(next(folder.iter_arrays()).shape[1])
+    manifest = folder.manifest
+    n, d = len(folder), folder.dim
+    if n == 0:
+        raise EmbeddingFolderError(f"{folder.root} holds no {kind} embeddings (every shard is empty)")
+    blank = _scan(folder)
     plan = choose_index(n, d, config)
+    if plan.index_type == "ivfpq":
+        need = max(plan.params["nlist"], PQ_MIN_TRAIN)
+        if n < need:
+            raise ValueError(f"{plan.factory} needs at least {need} vectors to train (nlist={plan.params['nlist']}, "
+                             f"{PQ_MIN_TRAIN} for 8-bit PQ codes) but {folder.root} has {n}: use --index-type flat "
+                             "(exact, right for this size) or hnsw")
     _logger.info("%s index for %d x %d %s vectors: %s (%s)", plan.index_type, n, d, kind, plan.factory, plan.reason)
     start = time.perf_counter()
     index = faiss.index_factory(d, plan.factory, faiss.METRIC_INNER_PRODUCT)
@@ -236,7 +297,12 @@ def build_index(embeddings: str | os.PathLike, out_dir: str | os.PathLike, kind:
         # enough for k-means (faiss caps PQ training at 256 points per centroid: 65,536 for 8-bit codes)
         size = min(n, config.train_size or max(256 * 64, 64 * plan.params.get("nlist", 1)))
         train_ids = np.sort(rng.choice(n, size=size, replace=False))
-        index.train(_rows(folder, train_ids))
+        try:
+            index.train(_rows(folder, train_ids))
+        except RuntimeError as err:  # faiss's own checks (too few points for a parameter choice)
+            raise ValueError(f"{plan.factory} cannot be trained on {size} vectors of {folder.root}: "
+                             f"{str(err).strip().splitlines()[-1]}; choose --index-type flat or hnsw, or a smaller "
+                             "--nlist / --pq-m") from None
     for array in folder.iter_arrays():
         index.add(np.ascontiguousarray(array, dtype=np.float32))
     build_seconds = time.perf_counter() - start
@@ -279,7 +345,11 @@ def build_index(embeddings: str | os.PathLike, out_dir: str | os.PathLike, kind:
                             "measured_against": "exact inner-product search (IndexFlatIP), database vectors as queries"},
         "tuning": tuning, "target_recall": config.target_recall,
         "build_seconds": round(build_seconds, 3), "query_ms_per_vector": round(query_ms, 4),
-        "embeddings": folder.describe(), "config": asdict(config),
+        "blank_rows": blank,
+        "embeddings": {**folder.describe(fingerprints=True),
+                       "relative_root": os.path.relpath(os.path.abspath(folder.root), os.path.abspath(out)),
+                       "manifest": manifest_identity(manifest)},
+        "config": asdict(config),
         "faiss": faiss.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -289,4 +359,29 @@ def build_index(embeddings: str | os.PathLike, out_dir: str | os.PathLike, kind:
 
 
 def read_index_meta(path: str | os.PathLike) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+    """``{kind}.index.json``, checked for the fields search needs; ValueError naming the file otherwise."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not a readable index description ({' '.join(str(err).split())}); rebuild the "
+                         "index with vladva index EMBEDDINGS -o FOLDER") from None
+    problem = None
+    emb = meta.get("embeddings") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        problem = f"a JSON {type(meta).__name__}, not an object"
+    elif not isinstance(emb, dict) or not isinstance(emb.get("root"), str):
+        problem = "no embeddings.root"
+    elif not isinstance(emb.get("shards"), list) or not all(
+            isinstance(x, dict) and isinstance(x.get("files"), dict) and isinstance(x.get("count"), int)
+            for x in emb["shards"]):
+        problem = "no per-shard fingerprints (embeddings.shards[].files): it predates them or was edited"
+    elif not isinstance(meta.get("count"), int) or not isinstance(meta.get("dim"), int):
+        problem = "no count/dim"
+    elif not isinstance(meta.get("search_params", {}), dict):
+        problem = "search_params is not an object"
+    if problem:
+        root = emb.get("root") if isinstance(emb, dict) and isinstance(emb.get("root"), str) else "EMBEDDINGS"
+        raise ValueError(f"{path}: {problem}; rebuild the index: "
+                         f"{rebuild_command(root, path.parent, path.name.split('.')[0])}")
+    return meta

@@ -10,10 +10,15 @@ is clip-retrieval's ``int(log10(P)) + 1``)::
 Row ``i`` of the three files is the same input item. A shard is finished when its marker
 ``.embed_state/shard_{k}.json`` exists; it is written last, after each data file was written to a temporary name
 and renamed into place, so a killed job leaves no shard that looks finished but is not. ``manifest.json`` describes
-the job. Readers need only the three folders, so a folder written by clip-retrieval itself can be indexed too.
+the job. Readers need only the three folders, so a folder written by clip-retrieval itself can be indexed too; a
+folder that ``vladva embed`` started (it has ``.embed_state/job.json``) is read only once its job finished (every
+shard has its marker and ``manifest.json`` is there), so an interrupted job is never indexed or searched.
+
+:func:`file_fingerprint` ties an index to the exact bytes it was built from (size, mtime and a content hash).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -32,9 +37,12 @@ __all__ = [
     "KINDS",
     "MANIFEST",
     "EmbeddingFolder",
+    "EmbeddingFolderError",
     "OutputFolder",
     "atomic_write_bytes",
     "atomic_write_json",
+    "file_digest",
+    "file_fingerprint",
     "shard_name",
 ]
 
@@ -70,7 +78,45 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
+    """Standard JSON only: NaN/inf raise (``allow_nan=False``) instead of writing ``NaN`` that parsers reject."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, default=str, allow_nan=False) + "\n").encode("utf-8"))
+
+
+class EmbeddingFolderError(ValueError):
+    """An embedding folder cannot be read as asked (interrupted job, inconsistent shards); the message says which
+    file and what to do."""
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """blake2b-128 of the file's bytes (read in 4 MiB chunks)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """``{"size", "mtime_ns", "blake2b"}`` of a file: what an index records of every shard file it was built from."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake2b": file_digest(path)}
+
+
+def fingerprint_differs(path: Path, recorded: dict[str, Any]) -> str | None:
+    """None when ``path`` holds the bytes ``recorded`` describes, else what differs ("missing", "size", "content").
+
+    The content hash is compared only when the size matches and the mtime does not (a copy, a touch): an unchanged
+    file is not read again, and a changed one is always caught.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    if st.st_size != recorded.get("size"):
+        return f"size {recorded.get('size')} -> {st.st_size} bytes"
+    if st.st_mtime_ns == recorded.get("mtime_ns"):
+        return None
+    return None if file_digest(path) == recorded.get("blake2b") else "content"
 
 
 def _npy_bytes(array: np.ndarray) -> memoryview:
@@ -183,9 +229,54 @@ class EmbeddingFolder:
             raise FileNotFoundError(f"{self.root} holds no {folder}/{prefix}*.npy files: is it the output folder of "
                                     f"`vladva embed` (or clip-retrieval inference) with {kind} embeddings?")
         self.shards = [s for _, s in sorted(found, key=lambda t: t[0])]
-        self.counts = [int(np.load(s.embeddings, mmap_mode="r").shape[0]) for s in self.shards]
+        self.counts, dims = [], set()
+        for s in self.shards:
+            shape = self._shape(s.embeddings)
+            self.counts.append(shape[0])
+            dims.add(shape[1])
+        if len(dims) > 1:
+            by_dim = {}
+            for s in self.shards:
+                by_dim.setdefault(self._shape(s.embeddings)[1], s.embeddings)
+            shown = ", ".join(f"{d} ({p})" for d, p in sorted(by_dim.items()))
+            raise EmbeddingFolderError(f"{self.root}: the {folder} shards have different dimensions: {shown}; they "
+                                       "come from different models. Re-embed into an empty folder with one model")
+        self.dim = dims.pop()
+        self._check_finished()
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self._metadata: dict[int, pd.DataFrame] = {}
+
+    @staticmethod
+    def _shape(path: Path) -> tuple[int, int]:
+        """``(rows, dim)`` of a shard, read from its header; anything but a 2-D float array is refused."""
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise EmbeddingFolderError(f"{path} is not a readable .npy array ({' '.join(str(err).split())}); "
+                                       "re-embed this folder (vladva embed --overwrite)") from None
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+            raise EmbeddingFolderError(f"{path} holds a {array.ndim}-D {array.dtype} array of shape {array.shape}; "
+                                       "embedding shards are 2-D float arrays [rows, dim]. Re-embed this folder")
+        return int(array.shape[0]), int(array.shape[1])
+
+    def _check_finished(self) -> None:
+        """Refuse a folder whose ``vladva embed`` job did not finish, and shards without their metadata."""
+        state = self.root / STATE_DIR
+        if (state / JOB_FILE).is_file():
+            if not (self.root / MANIFEST).is_file():
+                raise EmbeddingFolderError(
+                    f"{self.root} is an unfinished `vladva embed` job (no {MANIFEST}): rerun the same vladva embed "
+                    "command to finish it, then index or search it")
+            for s in self.shards:
+                if not (state / f"shard_{s.name}.json").is_file():
+                    raise EmbeddingFolderError(
+                        f"{s.embeddings} has no shard marker ({STATE_DIR}/shard_{s.name}.json): an interrupted job "
+                        "left it. Rerun the same vladva embed command to finish the folder")
+        for s in self.shards:
+            if s.metadata is None:
+                raise EmbeddingFolderError(
+                    f"{s.embeddings} has no metadata file ({META_DIR}/{META_PREFIX}{s.name}.parquet): the shard is "
+                    "incomplete. Re-embed the folder (or finish the interrupted job) before indexing or searching")
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -193,7 +284,16 @@ class EmbeddingFolder:
     @property
     def manifest(self) -> dict[str, Any] | None:
         path = self.root / MANIFEST
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise EmbeddingFolderError(f"{path} is not valid JSON ({err}); rerun vladva embed into this folder to "
+                                       "rewrite it") from None
+        if not isinstance(manifest, dict):
+            raise EmbeddingFolderError(f"{path} is not a JSON object; rerun vladva embed into this folder")
+        return manifest
 
     def iter_arrays(self) -> Iterator[np.ndarray]:
         """Each shard's [n_s, D] array (memory-mapped), in order."""
@@ -205,31 +305,42 @@ class EmbeddingFolder:
         return np.concatenate([np.asarray(a, dtype=dtype) for a in self.iter_arrays()])
 
     def metadata_of(self, rows: np.ndarray | list[int]) -> list[dict[str, Any]]:
-        """The metadata records of global rows (``{"id": row}`` alone for a shard without metadata)."""
+        """The metadata records (column -> JSON-able value) of global rows."""
         out = []
         for row in np.asarray(rows, dtype=np.int64).reshape(-1).tolist():
             if not 0 <= row < len(self):
                 raise IndexError(f"row {row} is outside the {len(self)} embeddings of {self.root}")
             s = int(np.searchsorted(self.offsets, row, side="right") - 1)
             df = self._shard_metadata(s)
-            record = {"id": row}
-            if df is not None:
-                record.update({k: _plain(v) for k, v in df.iloc[row - int(self.offsets[s])].items()})
-            out.append(record)
+            out.append({str(k): _plain(v) for k, v in df.iloc[row - int(self.offsets[s])].items()})
         return out
 
-    def _shard_metadata(self, s: int) -> pd.DataFrame | None:
+    def _shard_metadata(self, s: int) -> pd.DataFrame:
         if s not in self._metadata:
             path = self.shards[s].metadata
-            df = pd.read_parquet(path) if path is not None else None
-            if df is not None and len(df) != self.counts[s]:
-                raise ValueError(f"{path} has {len(df)} rows but {self.shards[s].embeddings} has {self.counts[s]}")
+            try:
+                df = pd.read_parquet(path)
+            except Exception as err:  # noqa: BLE001 - pyarrow raises many types for a damaged file
+                raise EmbeddingFolderError(f"{path} cannot be read ({type(err).__name__}: "
+                                           f"{' '.join(str(err).split())[:200]}); re-embed the folder") from None
+            if len(df) != self.counts[s]:
+                raise EmbeddingFolderError(f"{path} has {len(df)} rows but {self.shards[s].embeddings} has "
+                                           f"{self.counts[s]}; re-embed the folder")
             self._metadata[s] = df
         return self._metadata[s]
 
-    def describe(self) -> dict[str, Any]:
-        return {"root": os.path.abspath(self.root), "kind": self.kind, "count": len(self),
-                "shards": [{"name": s.name, "count": c} for s, c in zip(self.shards, self.counts)]}
+    def describe(self, fingerprints: bool = False) -> dict[str, Any]:
+        """Root, kind, counts and per shard its name and count; with ``fingerprints`` also each shard file's
+        :func:`file_fingerprint` (embeddings and metadata) by path relative to the root."""
+        shards = []
+        for s, c in zip(self.shards, self.counts):
+            entry: dict[str, Any] = {"name": s.name, "count": c}
+            if fingerprints:
+                entry["files"] = {p.relative_to(self.root).as_posix(): file_fingerprint(p)
+                                  for p in (s.embeddings, s.metadata)}
+            shards.append(entry)
+        return {"root": os.path.abspath(self.root), "kind": self.kind, "count": len(self), "dim": self.dim,
+                "shards": shards}
 
 
 def _plain(value: Any) -> Any:

@@ -13,6 +13,8 @@ corrupt image raises one of ``IMAGE_ERRORS``, which the job turns into a skipped
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -84,6 +86,32 @@ class Source(ABC):
     @abstractmethod
     def describe(self) -> dict: ...
 
+    @abstractmethod
+    def partition_fingerprint(self, k: int, shard_size: int) -> str:
+        """A hash of partition ``k``'s inputs (names, sizes, mtimes, captions): a finished shard is reused only
+        while this is unchanged."""
+
+    @abstractmethod
+    def image_roots(self) -> list[str]:
+        """Absolute folders (or tar files) the images come from: the only places a results page shows images from."""
+
+    def caption_errors(self) -> list[dict[str, str]]:
+        """Caption files that could not be read (``{"path", "reason"}``); their rows count as caption-less."""
+        return []
+
+
+def _stat_key(path: str) -> list:
+    """``[path, size, mtime_ns]`` (size and mtime None when the file is missing)."""
+    try:
+        st = os.stat(path)
+        return [path, st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [path, None, None]
+
+
+def _hash(obj: object) -> str:
+    return hashlib.blake2b(json.dumps(obj, ensure_ascii=False).encode("utf-8"), digest_size=16).hexdigest()
+
 
 class _RowList(Source):
     """A source whose rows are known up front: ``paths[i]`` and ``captions[i]`` (None: no caption)."""
@@ -111,6 +139,11 @@ class _RowList(Source):
     def missing_captions(self) -> int:
         return len(self.paths) if self.captions is None else sum(c is None for c in self.captions)
 
+    def partition_fingerprint(self, k: int, shard_size: int) -> str:
+        rows = range(k * shard_size, min((k + 1) * shard_size, len(self.paths)))
+        return _hash([[*_stat_key(self.paths[r]), self.captions[r] if self.captions is not None else None]
+                      for r in rows])
+
 
 class _RowDataset(Dataset):
     def __init__(self, source: _RowList, rows: range, transform: Callable | None):
@@ -136,10 +169,32 @@ class FolderSource(_RowList):
         files = sorted((p for p in self.folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
                        key=lambda p: p.relative_to(self.folder).as_posix())
         captions = []
+        self._caption_errors: list[dict[str, str]] = []
         for p in files:
             txt = p.with_suffix(".txt")
-            captions.append(clean_caption(txt.read_text(encoding="utf-8")) if txt.is_file() else None)
+            captions.append(self._read_caption(txt) if txt.is_file() else None)
+        if self._caption_errors:
+            _logger.warning("%d caption files cannot be read, e.g. %s (%s); their images are embedded without a "
+                            "caption (listed in the manifest's caption_errors)", len(self._caption_errors),
+                            self._caption_errors[0]["path"], self._caption_errors[0]["reason"])
         super().__init__([os.path.abspath(p) for p in files], captions)
+
+    def _read_caption(self, txt: Path) -> str | None:
+        """The caption in ``txt``, or None (recorded in caption_errors) when it is not UTF-8 text or unreadable;
+        one bad file does not stop the job, as the trainer skips such samples."""
+        try:
+            return clean_caption(txt.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, OSError) as err:
+            reason = (f"not UTF-8 text (byte {err.start})" if isinstance(err, UnicodeDecodeError)
+                      else f"{type(err).__name__}: {err.strerror or err}")
+            self._caption_errors.append({"path": os.path.abspath(txt), "reason": reason})
+            return None
+
+    def caption_errors(self) -> list[dict[str, str]]:
+        return list(self._caption_errors)
+
+    def image_roots(self) -> list[str]:
+        return [os.path.abspath(self.folder)]
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": os.path.abspath(self.folder), "rows": len(getattr(self, "paths", []))}
@@ -175,6 +230,11 @@ class TableSource(_RowList):
         local = self.path.parent / p
         return (local if local.exists() or not p.exists() else p).absolute()
 
+    def image_roots(self) -> list[str]:
+        """The deepest folder holding every image the table names (what was read, and nothing above it)."""
+        folders = {os.path.dirname(os.path.abspath(p)) for p in self.paths}
+        return [os.path.commonpath(sorted(folders))] if folders else []
+
     def describe(self) -> dict:
         return {"kind": self.kind, "path": os.path.abspath(self.path), "img_key": self.img_key,
                 "caption_key": self.caption_key, "rows": len(getattr(self, "paths", []))}
@@ -190,6 +250,8 @@ class WebDatasetSource(Source):
         self.urls, _ = expand_urls(urls)
         if not self.urls:
             raise ValueError(f"no webdataset shards in {urls!r}")
+        # local shards are stored absolute, so their thumbnails are found from any working directory
+        self.urls = [u if "://" in u or u.startswith("pipe:") else os.path.abspath(u) for u in self.urls]
         missing = [u for u in self.urls if "://" not in u and not u.startswith("pipe:") and not os.path.isfile(u)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} webdataset shard(s) not found, e.g. {missing[:3]}")
@@ -204,6 +266,14 @@ class WebDatasetSource(Source):
 
     def dataset(self, k: int, shard_size: int, transform: Callable | None) -> IterableDataset:
         return _TarDataset(self.urls[k], self.caption_key, self.image_keys, transform)
+
+    def partition_fingerprint(self, k: int, shard_size: int) -> str:
+        return _hash(_stat_key(self.urls[k]))
+
+    def image_roots(self) -> list[str]:
+        """The deepest folder holding every local tar (one entry, however many tars)."""
+        folders = {os.path.dirname(u) for u in self.urls if "://" not in u and not u.startswith("pipe:")}
+        return [os.path.commonpath(sorted(folders))] if folders else []
 
     def has_captions(self) -> bool:
         """Whether the first sample of the first shard has a caption (the same answer on every rank)."""
@@ -243,8 +313,14 @@ class _TarDataset(IterableDataset):
             if row % workers != worker:
                 continue
             img_key = next((k for k in self.image_keys if k in raw), None)
-            sample = Sample(row, str(raw.get("__key__", row)), clean_caption(raw.get(self.caption_key)),
-                            shard=self.url)
+            key = str(raw.get("__key__", row))
+            try:
+                caption = clean_caption(raw.get(self.caption_key))
+            except UnicodeDecodeError as err:  # the image is still embedded, without a caption
+                _logger.warning("%s: the caption of sample %s is not UTF-8 text (byte %d); embedded without one",
+                                self.url, key, err.start)
+                caption = None
+            sample = Sample(row, key, caption, shard=self.url)
             yield _decode(sample, raw.get(img_key) if img_key else None, self.transform)
         if errors and worker == 0:  # a broken stream ends the tar early: one record for the rest of it
             yield Sample(row + 1, f"{self.url}:<after row {row}>", None, shard=self.url,
