@@ -154,3 +154,25 @@ def test_fixed_size_family_takes_a_list_of_one_size_only():
             model.encode_image([images[0], torch.randn(3, s, 2 * s)])
         with pytest.raises(ValueError, match=f"3,{s},{s}"):
             model.encode_image(torch.randn(1, 3, s, 2 * s))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_caption_job(name, tmp_path):
+    """`vladva caption`'s job with the tiny model as the captioner: every image gets its caption in the sidecar."""
+    from _helpers_caption import scenes
+
+    from vladva_openclip.caption import CaptionJobConfig, GenerationSettings, run_caption
+    from vladva_openclip.caption.backends.vladva import VladVACaptioner
+    from vladva_openclip.eval.api import ModelSpec, load_model
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (image, _, _) in enumerate(scenes(3)):
+        image.save(folder / f"{i}.png")
+    model, preprocess, tokenizer = load_model(ModelSpec(name))
+    captioner = VladVACaptioner(model, preprocess, tokenizer, label=name)
+    manifest = run_caption(CaptionJobConfig(str(folder), str(tmp_path / "out"), long_prompt="detailed", workers=0,
+                                            progress=False, long_generation=GenerationSettings(max_new_tokens=4),
+                                            short_generation=GenerationSettings(max_new_tokens=3)),
+                           captioner=captioner)
+    assert manifest["counts"]["captioned"] == 3 and manifest["counts"]["skipped"] == 0
