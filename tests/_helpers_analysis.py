@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers_layouts import SHARED_TOKENIZERS
 
-SHARED_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
-TINY = ("vladva-tiny-llava", "vladva-tiny-qwen2vl")
+TINY = ("vladva-tiny-llava", "vladva-tiny-qwen2vl", "vladva-tiny-qwen25vl", "vladva-tiny-qwen3vl")
 
 
 @pytest.fixture(scope="session", name="analysis_world")

@@ -23,9 +23,20 @@ from pathlib import Path
 import pytest
 import torch
 
-# ../shared next to the checkout; VLADVA_SHARED_TOKENIZERS points elsewhere (a git worktree has another parent).
-SHARED_TOKENIZERS = Path(os.environ.get("VLADVA_SHARED_TOKENIZERS")
-                         or Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers")
+
+def _shared_tokenizers() -> Path:
+    """../shared/data/tokenizers of the checkout: VLADVA_SHARED_TOKENIZERS when set, else the nearest ancestor
+    that has one (a git worktree sits deeper than the main checkout), else the main checkout's place."""
+    if os.environ.get("VLADVA_SHARED_TOKENIZERS"):
+        return Path(os.environ["VLADVA_SHARED_TOKENIZERS"])
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "shared" / "data" / "tokenizers").is_dir():
+            return parent / "shared" / "data" / "tokenizers"
+    return here.parents[2] / "shared" / "data" / "tokenizers"
+
+
+SHARED_TOKENIZERS = _shared_tokenizers()
 needs_real_tokenizers = pytest.mark.skipif(
     not (SHARED_TOKENIZERS / "llava-1.5").is_dir() or not (SHARED_TOKENIZERS / "qwen2-vl").is_dir(),
     reason=f"the real LLaVA-1.5 / Qwen2-VL tokenizers are absent ({SHARED_TOKENIZERS})")
@@ -93,6 +104,8 @@ LEGACY_KEYS = {
               (r"^model\.vision_tower\.", "vision_tower.vision_model."),
               (r"^model\.multi_modal_projector\.", "multi_modal_projector.")],
     "qwen2_vl": [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+    "qwen2_5_vl": [(r"^model\.language_model\.", "model."), (r"^model\.visual\.", "visual.")],
+    "qwen3_vl": [],  # published with transformers 4.57: the current key names
 }
 
 

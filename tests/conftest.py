@@ -8,7 +8,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-TINY = ["vladva-tiny-llava", "vladva-tiny-qwen2vl"]
+TINY = ["vladva-tiny-llava", "vladva-tiny-qwen2vl", "vladva-tiny-qwen25vl", "vladva-tiny-qwen3vl"]
 
 
 def perturb_trainables(model, seed: int = 0, scale: float = 0.05) -> None:

@@ -15,7 +15,10 @@ def test_every_open_clip_entry_point_handles_vladva_names(tmp_path):
     vladva_openclip.install()  # covers modules imported after the package (no-op when already current)
     names = vladva_openclip.list_vladva_models()
     assert set(names) == {"vladva-llava7b", "vladva-llava13b", "vladva-qwen2vl2b", "vladva-tiny-llava",
-                          "vladva-tiny-qwen2vl", "vladva-llavanext8b", "vladva-e5v", "vladva-tiny-llavanext"}
+                          "vladva-tiny-qwen2vl", "vladva-llavanext8b", "vladva-e5v", "vladva-tiny-llavanext",
+                          "vladva-qwen25vl3b", "vladva-qwen25vl7b", "vladva-qwen25vl32b", "vladva-qwen25vl72b",
+                          "vladva-qwen3vl2b", "vladva-qwen3vl4b", "vladva-qwen3vl8b", "vladva-tiny-qwen25vl",
+                          "vladva-tiny-qwen3vl"}
     assert set(names) <= set(open_clip.list_models())
     for create in (open_clip.create_model, open_clip.factory.create_model, oc_main.create_model_and_transforms):
         out = create("vladva-tiny-llava")

@@ -181,7 +181,8 @@ def test_embedding_does_not_depend_on_the_batch(built):
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(together, reordered, atol=1e-5, rtol=1e-5)
     # each row's sequence is the one image_input_ids reports for its size
-    _, ids, mask = model._image_rows(model._check_image(images))
+    seq = model._image_rows(model._check_image(images))
+    ids, mask = seq.ids, seq.mask
     for row, (w, h) in enumerate(sizes):
         assert ids[row][mask[row].bool()].tolist() == model.image_input_ids((h, w)).tolist()
 

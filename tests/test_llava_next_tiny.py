@@ -52,7 +52,8 @@ def test_counts_differ_and_rows_follow_each_image(tiny):
     # 64x64: pinpoint 64x128 (1x2 tiles, a 4x8 feature grid), unpadded to 4x4, + 4 newlines + 16 base = 36
     assert counts[0] == 36 and len(set(counts)) == len(SIZES), counts
     batch = torch.stack([preprocess(_noise(w, h, i)) for i, (w, h) in enumerate(SIZES)])
-    _, ids, mask = model._image_rows(model._check_image(batch))
+    seq = model._image_rows(model._check_image(batch))
+    ids, mask = seq.ids, seq.mask
     for row, (w, h) in enumerate(SIZES):
         assert ids[row][mask[row].bool()].tolist() == model.image_input_ids((h, w)).tolist()
 

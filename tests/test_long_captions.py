@@ -49,14 +49,15 @@ def test_a_cut_caption_gets_no_eos_target(tiny_llava):
     n_complete = int((rows[1] != tok.pad_token_id).sum())
     assert counts.tolist() == [16.0, float(n_complete + 1)]  # the cut row: its 16 tokens and no EOS
     # Reference: full-logits cross-entropy over the same sequences; the cut row's targets stop at its last token.
-    img_embeds, _ = model._image_sequence(model._check_image(img))
     head = model.backbone.lm_head(model.lvlm)
     for b, with_eos in ((0, False), (1, True)):
+        image_seq = model._image_rows(model._check_image(img[b:b + 1]))
+        img_embeds = image_seq.embeds
         cap = rows[b][rows[b] != tok.pad_token_id]
         targets = torch.cat([cap, torch.tensor([tok.eos_token_id])]) if with_eos else cap
-        seq = torch.cat([img_embeds[b], model.embedding(cap)]).unsqueeze(0)
+        seq = torch.cat([img_embeds[0], model.embedding(cap)]).unsqueeze(0)
         hidden = model._run_llm(seq, torch.ones(seq.shape[:2], dtype=torch.long),
-                                torch.cat([model.image_input_ids(), cap]).unsqueeze(0), image=True)[0]
+                                torch.cat([model.image_input_ids(), cap]).unsqueeze(0), image=image_seq)[0]
         t_img = img_embeds.shape[1]
         logits = head(hidden[t_img - 1: t_img - 1 + targets.numel()]).float()
         ref = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")

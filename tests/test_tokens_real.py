@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers_layouts import SHARED_TOKENIZERS
 
-SHARED_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers"
 pytestmark = pytest.mark.skipif(not SHARED_TOKENIZERS.is_dir(),
                                 reason=f"real tokenizers absent ({SHARED_TOKENIZERS}); they ship in ../shared/data")
 
-MODELS = {"vladva-llava7b": "llava-1.5", "vladva-llava13b": "llava-1.5", "vladva-qwen2vl2b": "qwen2-vl"}
+MODELS = {"vladva-llava7b": "llava-1.5", "vladva-llava13b": "llava-1.5", "vladva-qwen2vl2b": "qwen2-vl",
+          "vladva-qwen25vl3b": "qwen2-vl", "vladva-qwen25vl7b": "qwen2-vl", "vladva-qwen25vl72b": "qwen2-vl",
+          "vladva-qwen3vl2b": "qwen3", "vladva-qwen3vl4b": "qwen3", "vladva-qwen3vl8b": "qwen3"}
 
 CAPTIONS = [
     "a red circle",

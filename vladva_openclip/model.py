@@ -11,6 +11,7 @@ import logging
 import math
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from .ar import caption_targets, token_nll
 from .backbones import Backbone, get_backbone
+from .backbones.base import VisionOutput, hw
 from .config import VladVAConfig
 from .kernels import last_token_pool
 from .prompts import ModalityPrompt
@@ -32,6 +34,27 @@ _logger = logging.getLogger(__name__)
 class VisualInfo(SimpleNamespace):
     """What open_clip reads from ``model.visual`` (image size, preprocess config). Deliberately not a Module:
     registering the vision tower a second time would duplicate its keys in ``state_dict``."""
+
+
+@dataclass
+class ImageSequence:
+    """The image tower's input for a batch, right padded.
+
+    Attributes:
+        embeds: ``[B, T, H]`` input embeddings (image slots filled with vision features).
+        ids: ``[B, T]`` token ids (pad past ``mask``).
+        mask: ``[B, T]`` 1 for real tokens (all ones when every image has the same size).
+        slots: ``[B, T]`` bool, the image-token slots.
+        sizes: ``(height, width)`` of each row's image.
+        vision: the vision side's output (its per-layer features are injected where the family needs them).
+    """
+
+    embeds: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    slots: torch.Tensor
+    sizes: list[tuple[int, int]]
+    vision: VisionOutput
 
 
 class VladVA(nn.Module):
@@ -61,14 +84,15 @@ class VladVA(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
-        # The image + AR pass runs rows sorted by caption length in up to this many groups, each padded only to
-        # its own longest caption (same results as one padded batch; 1 = one batch padded to the batch maximum).
+        # The image + AR pass runs rows sorted by length (image part + caption) in up to this many groups, each
+        # padded only to its own longest row (same results as one padded batch; 1 = one batch padded to the
+        # batch maximum).
         self.ar_length_groups = 4
         # open_clip's accumulation runs every micro-batch twice (features without gradient, then the gradient
         # pass) on the same image tensor: the frozen vision tower's output of the first pass is kept for the second
         # when this is on (the trainer turns it on for --accum-freq > 1).
         self.reuse_vision_features = False
-        self._vision_cache: list[tuple[weakref.ref, int, torch.Tensor]] = []  # (input, its version, output)
+        self._vision_cache: list[tuple[weakref.ref, int, Any]] = []  # (input, its version, vision output)
         # When set (by the trainer), state_dict()/load_state_dict() cover only what trains, so checkpoints are
         # adapter-sized and resume still loads strictly.
         self.trainable_state_only = False
@@ -165,21 +189,66 @@ class VladVA(nn.Module):
         return self.embedding.weight.device
 
     # ---- input checks -------------------------------------------------------------------------------------
-    def _check_image(self, image: torch.Tensor) -> torch.Tensor:
+    def _check_image(self, image: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """The images on the model's device and dtype: a ``[B,3,H,W]`` tensor, or (dynamic-resolution families, images
+        of different sizes) a list of ``[3,H_i,W_i]`` tensors. A list of one size becomes a tensor."""
+        h, w = self.backbone.input_size(self.lvlm.config, self.cfg.image_size)
+        if isinstance(image, (list, tuple)):
+            if not image:
+                return torch.zeros(0, 3, h, w, device=self.device, dtype=self.base_dtype)
+            items = [self._check_one_image(im) for im in image]
+            if len({tuple(im.shape) for im in items}) == 1:
+                return self._check_image(torch.stack(items))
+            if not self.backbone.dynamic_resolution:
+                raise ValueError(f"{self.backbone.describe()} takes one image size ({h}x{w}); got a list of "
+                                 f"images of different sizes; use the model's preprocess transform")
+            for im in items:
+                self._check_size(im.shape[-2:])
+            return [im.to(device=self.device, dtype=self.base_dtype) for im in items]
         if not isinstance(image, torch.Tensor):
             raise TypeError(f"image must be a torch.Tensor [B,3,H,W], got {type(image).__name__}; "
                             f"apply the model's preprocess transform to PIL images first")
-        h, w = self.backbone.input_size(self.lvlm.config, self.cfg.image_size)
         if image.dim() == 3:
             raise ValueError(f"image must be batched [B,3,{h},{w}], got {tuple(image.shape)}; "
                              f"use image.unsqueeze(0) for a single image")
-        if image.dim() != 4 or image.shape[1] != 3 or tuple(image.shape[2:]) != (h, w):
+        if image.dim() != 4 or image.shape[1] != 3:
             raise ValueError(f"image must have shape [B,3,{h},{w}] (the model's preprocess output), "
                              f"got {tuple(image.shape)}")
+        self._check_float(image)
+        if image.shape[0]:
+            self._check_size(image.shape[-2:])
+        return image.to(device=self.device, dtype=self.base_dtype)
+
+    def _check_one_image(self, image) -> torch.Tensor:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"each image of a list must be a [3,H,W] torch.Tensor (the model's preprocess output), "
+                            f"got {type(image).__name__}")
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"each image of a list must be a [3,H,W] tensor (the model's preprocess output), got "
+                             f"{tuple(image.shape)}")
+        return self._check_float(image)
+
+    @staticmethod
+    def _check_float(image: torch.Tensor) -> torch.Tensor:
         if not image.is_floating_point():
             raise TypeError(f"image must be a float tensor normalised by the model's preprocess, got {image.dtype}; "
                             f"uint8 images need the preprocess transform (ToTensor + Normalize)")
-        return image.to(device=self.device, dtype=self.base_dtype)
+        return image
+
+    def _check_size(self, hw_: Sequence[int]) -> None:
+        size = self.cfg.image_size
+        expected = self.backbone.input_size(self.lvlm.config, size)
+        h, w = int(hw_[0]), int(hw_[1])
+        if (h, w) == tuple(expected):
+            return
+        if not self.backbone.dynamic_resolution:
+            raise ValueError(f"image must have shape [B,3,{expected[0]},{expected[1]}] (the model's preprocess "
+                             f"output), got [*,3,{h},{w}]")
+        try:
+            self.backbone.check_image_size(self.lvlm.config, (h, w))
+        except ValueError as err:
+            raise ValueError(f"image of {h}x{w} pixels: {err}; resize it (the model's preprocess gives "
+                             f"{size}x{size})") from None
 
     def _check_text(self, text: torch.Tensor) -> torch.Tensor:
         if not isinstance(text, torch.Tensor) or text.dtype not in (torch.int64, torch.int32):
@@ -195,20 +264,27 @@ class VladVA(nn.Module):
 
     # ---- towers -------------------------------------------------------------------------------------------
     def _run_llm(self, embeds: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor | None,
-                 image: bool) -> torch.Tensor:
-        pos = None
+                 image: ImageSequence | None) -> torch.Tensor:
+        """Final-layer hidden states ``[B, T, H]``; ``image`` is the image sequence that starts each row (its
+        sizes decide the positions, its per-layer vision features are injected at its slots), None for text."""
+        pos, extra = None, {}
         if ids is not None:
-            pos = self.backbone.position_ids(self.lvlm, ids, mask, self.cfg.image_size if image else None)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False)
+            pos = self.backbone.position_ids(self.lvlm, ids, mask, image.sizes if image is not None else None)
+        if image is not None and image.vision.layer_tokens:
+            slots = torch.zeros(ids.shape if ids is not None else mask.shape, dtype=torch.bool, device=mask.device)
+            slots[:, : image.slots.shape[1]] = image.slots
+            extra = self.backbone.injection_kwargs(image.vision.layer_tokens, slots)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False,
+                                  **extra)
         return out.last_hidden_state
 
-    def _vision_features(self, image: torch.Tensor, source: torch.Tensor | None,
+    def _vision_features(self, image: torch.Tensor | list[torch.Tensor], source: Any,
                          compute: Callable[[], Any]) -> Any:
         """``compute()`` (the frozen vision tower + projector on ``image``), reused from the accumulation's
         no-gradient pass over the same input tensor ``source`` (identity, not value) when
         ``reuse_vision_features`` is on. Frozen and deterministic, so the reused output is the one the gradient
         pass would compute."""
-        if not (self.reuse_vision_features and self.training and source is not None):
+        if not (self.reuse_vision_features and self.training and isinstance(source, torch.Tensor)):
             return compute()
         self._vision_cache = [e for e in self._vision_cache if e[0]() is not None]  # inputs still alive only
         if torch.is_grad_enabled():
@@ -221,24 +297,6 @@ class VladVA(nn.Module):
         self._vision_cache.append((weakref.ref(source), source._version, feats))
         return feats
 
-    def _image_sequence(self, image: torch.Tensor,
-                        source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[B,3,H,W]`` -> (embeds ``[B, T_img, H]``, ids ``[B, T_img]``); every row has the same length.
-        ``source``: the caller's tensor before dtype/device conversion (the key of the vision-feature reuse)."""
-        emb = self.embedding
-        b = image.shape[0]
-        feats = self._vision_features(
-            image, source, lambda: self.backbone.image_features(self.lvlm, image).to(self.base_dtype))
-        body_ids = self.image_body_ids.unsqueeze(0).expand(b, -1)
-        body = emb(body_ids)
-        slots = body_ids == self.backbone.image_token_id(self.lvlm.config)
-        body = body.masked_scatter(slots.unsqueeze(-1), feats)
-        prompt = self.image_prompt
-        lengths = torch.full((b,), body.shape[1], device=body.device, dtype=torch.long)
-        embeds, _ = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
-        ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
-        return embeds, ids
-
     def _image_body(self, count: int) -> list[int]:
         """The image part's ids with ``count`` image-token slots (the template's own tokens around them kept)."""
         base = self.image_body_id_list
@@ -246,35 +304,40 @@ class VladVA(nn.Module):
         first, last = base.index(tok), len(base) - base[::-1].index(tok)
         return base[:first] + [tok] * count + base[last:]
 
-    def _image_rows(self, image: torch.Tensor,
-                    source: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``[B,3,H,W]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``). ``source``: the caller's
-        tensor before dtype/device conversion (the key of the vision-feature reuse under accumulation).
+    def _image_rows(self, image: torch.Tensor | list[torch.Tensor], source: Any = None) -> ImageSequence:
+        """Checked images -> the image tower's rows ``[prefix | image tokens | prompt]``, right padded.
+        ``source``: the caller's tensor before dtype/device conversion (the key of the vision-output reuse under
+        accumulation).
 
-        Where the number of image tokens depends on the image (LLaVA-NeXT), each row is
-        ``[prefix | its own image tokens | prompt]`` and right padded, so an item's sequence, positions and
-        summary token are those it has alone: its embedding does not depend on the batch.
+        Where the number of image tokens depends on the image (LLaVA-NeXT's anyres tiles, Qwen's dynamic
+        resolution), each row has its own image tokens, so an item's sequence, positions and summary token are
+        those it has alone: its embedding does not depend on the batch.
         """
-        if not self.backbone.variable_image_tokens:
-            embeds, ids = self._image_sequence(image, source)
-            return embeds, ids, torch.ones(ids.shape, dtype=torch.long, device=ids.device)
         emb = self.embedding
-        feats, counts = self._vision_features(image, source, lambda: self.backbone.image_batch(self.lvlm, image))
-        feats = feats.to(self.base_dtype)
-        bodies = [self._image_body(int(n)) for n in counts.tolist()]
-        lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=feats.device)
-        body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
-                              device=feats.device)
-        for i, row in enumerate(bodies):
-            body_ids[i, : len(row)] = torch.tensor(row, device=feats.device)
-        valid = torch.arange(body_ids.shape[1], device=feats.device).unsqueeze(0) < lengths.unsqueeze(1)
-        slots = (body_ids == self.backbone.image_token_id(self.lvlm.config)) & valid
-        real = torch.arange(feats.shape[1], device=feats.device).unsqueeze(0) < counts.unsqueeze(1)
-        body = emb(body_ids).masked_scatter(slots.unsqueeze(-1), feats[real])
+        vision = self._vision_features(image, source, lambda: self.backbone.vision(self.lvlm, image))
+        counts = vision.counts.tolist()
+        sizes = [hw(im.shape[-2:]) for im in image]
+        registered = int(self.image_body_ids.eq(self.backbone.image_token_id(self.lvlm.config)).sum())
+        if all(n == registered for n in counts):  # every row has the registered body
+            body_ids = self.image_body_ids.unsqueeze(0).expand(len(counts), -1)
+            lengths = torch.full((len(counts),), body_ids.shape[1], dtype=torch.long, device=self.device)
+        else:
+            bodies = [self._image_body(n) for n in counts]
+            lengths = torch.tensor([len(r) for r in bodies], dtype=torch.long, device=self.device)
+            body_ids = torch.full((len(bodies), int(lengths.max())), self.pad_token_id, dtype=torch.long,
+                                  device=self.device)
+            for i, r in enumerate(bodies):
+                body_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        real = torch.arange(body_ids.shape[1], device=self.device).unsqueeze(0) < lengths.unsqueeze(1)
+        slots = (body_ids == self.backbone.image_token_id(self.lvlm.config)) & real
+        body = emb(body_ids).masked_scatter(slots.unsqueeze(-1), vision.tokens.to(self.base_dtype))
         prompt = self.image_prompt
         embeds, mask = assemble(prompt.prefix_embeds(emb), body, lengths, prompt.suffix_embeds(emb))
         ids, _ = assemble(prompt.prefix_ids.unsqueeze(0), body_ids, lengths, prompt.suffix_ids.unsqueeze(0))
-        return embeds, torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id)), mask
+        seq_slots, _ = assemble(torch.zeros_like(prompt.prefix_ids, dtype=torch.bool).unsqueeze(0), slots, lengths,
+                                torch.zeros_like(prompt.suffix_ids, dtype=torch.bool).unsqueeze(0))
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, self.pad_token_id))
+        return ImageSequence(embeds, ids, mask, seq_slots & mask.bool(), sizes, vision)
 
     def _text_sequence(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Caption ids ``[B, L]`` -> (embeds ``[B, T, H]``, ids ``[B, T]``, mask ``[B, T]``)."""
@@ -313,13 +376,16 @@ class VladVA(nn.Module):
         replaced by the projected image features and the soft-prompt slots by the soft vectors.
 
         Args:
-            image_size: where the number of image tokens depends on the image (LLaVA-NeXT), the original
-                ``(height, width)`` (or one side of a square image) whose sequence to report; default: a square
-                image. Fixed-count families ignore it.
+            image_size: where the number of image tokens depends on the image, the ``(height, width)`` (or one
+                side of a square image) whose sequence to report: LLaVA-NeXT, the original image's size; the
+                dynamic-resolution Qwen families, the size of the tensor given to ``encode_image`` (a multiple of
+                the patch unit). Default: the registered input. Fixed-count families ignore it.
         """
         prompt = self.image_prompt
         body = self.image_body_id_list
         if image_size is not None and self.backbone.variable_image_tokens:
+            if self.backbone.dynamic_resolution:
+                self._check_size(hw(image_size))
             body = self._image_body(self.backbone.num_image_tokens(self.lvlm.config, image_size))
         return torch.tensor(prompt.prefix_id_list + body + prompt.suffix_id_list, dtype=torch.long)
 
@@ -330,18 +396,21 @@ class VladVA(nn.Module):
         """Image embeddings.
 
         Args:
-            image: ``[B, 3, S, S]`` float, as produced by the model's preprocess transform.
+            image: ``[B, 3, S, S]`` float, as produced by the model's preprocess transform. Dynamic-resolution
+                families (Qwen) also take other sizes (multiples of their patch unit, not necessarily square) and a
+                list of ``[3, H_i, W_i]`` images of different sizes: each image gets its own number of image tokens
+                and its embedding is the one it has alone.
             normalize: L2-normalise the result.
 
         Returns:
             ``[B, D]`` float32, ``D`` = the LLM hidden size.
         """
         image = self._check_image(image)
-        if image.shape[0] == 0:
+        if len(image) == 0:
             return self._empty()
-        embeds, ids, mask = self._image_rows(image)
-        hidden = self._run_llm(embeds, mask, ids, image=True)
-        return last_token_pool(hidden, mask, normalize=normalize).float()
+        seq = self._image_rows(image)
+        hidden = self._run_llm(seq.embeds, seq.mask, seq.ids, image=seq)
+        return last_token_pool(hidden, seq.mask, normalize=normalize).float()
 
     def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
         """Text embeddings.
@@ -357,7 +426,7 @@ class VladVA(nn.Module):
         if text.shape[0] == 0:
             return self._empty()
         embeds, ids, mask = self._text_sequence(text)
-        hidden = self._run_llm(embeds, mask, ids, image=False)
+        hidden = self._run_llm(embeds, mask, ids, image=None)
         return last_token_pool(hidden, mask, normalize=normalize).float()
 
     def image_features_and_ar(
@@ -381,7 +450,8 @@ class VladVA(nn.Module):
         source = image
         image = self._check_image(image)
         long_caption = self._check_text(long_caption)
-        img_embeds, img_ids, img_mask = self._image_rows(image, source)
+        seq = self._image_rows(image, source)
+        img_embeds, img_ids, img_mask = seq.embeds, seq.ids, seq.mask
         img_len = img_mask.sum(1)
         lengths = caption_lengths(long_caption, self.pad_token_id)
         # A row filled to the last column holds a caption cut by the tokenizer: no EOS target (never learn to stop
@@ -389,37 +459,41 @@ class VladVA(nn.Module):
         complete = lengths < long_caption.shape[1]
         counts = torch.where(lengths > 0, lengths + complete.long(), torch.zeros_like(lengths))
         if not compute_ar or int(lengths.max()) == 0:
-            hidden = self._run_llm(img_embeds, img_mask, img_ids, image=True)
+            hidden = self._run_llm(img_embeds, img_mask, img_ids, image=seq)
             feats = last_token_pool(hidden, img_mask, normalize=True).float()
             return feats, torch.zeros_like(feats[:, 0]), counts.float()
-        # rows cost their image part + caption + EOS: group by that total (image parts differ under LLaVA-NeXT)
-        groups = length_groups((img_len + lengths).tolist(), 1, self.ar_length_groups)
+        # rows cost their image part + caption + EOS: group by that total. Per-layer injected vision features
+        # (Qwen3-VL's deepstack) are laid out over the whole batch's slots: those batches stay one group.
+        groups = ([list(range(len(seq.sizes)))] if seq.vision.layer_tokens
+                  else length_groups((img_len + lengths).tolist(), 1, self.ar_length_groups))
         if len(groups) == 1:
-            return (*self._ar_pass(img_embeds, img_ids, img_len, long_caption, lengths, complete), counts.float())
+            return (*self._ar_pass(seq, long_caption, lengths, complete), counts.float())
         order = torch.tensor([i for g in groups for i in g], device=lengths.device)
-        parts = [self._ar_pass(img_embeds[idx], img_ids[idx], img_len[idx], long_caption[idx], lengths[idx],
-                               complete[idx])
-                 for idx in (torch.tensor(g, device=lengths.device) for g in groups)]
+        parts = []
+        for g in groups:
+            idx = torch.tensor(g, device=lengths.device)
+            sub = replace(seq, embeds=seq.embeds[idx], ids=seq.ids[idx], mask=seq.mask[idx], slots=seq.slots[idx],
+                          sizes=[seq.sizes[i] for i in g])
+            parts.append(self._ar_pass(sub, long_caption[idx], lengths[idx], complete[idx]))
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         feats = torch.cat([p[0] for p in parts])[inverse]
         nll_sum = torch.cat([p[1] for p in parts])[inverse]
         return feats, nll_sum, counts.float()
 
-    def _ar_pass(self, img_embeds: torch.Tensor, img_ids: torch.Tensor, img_len: torch.Tensor,
-                 long_caption: torch.Tensor, lengths: torch.Tensor,
+    def _ar_pass(self, seq: ImageSequence, long_caption: torch.Tensor, lengths: torch.Tensor,
                  complete: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One causal pass over ``[image part | long caption | EOS]`` for rows padded to their longest sequence ->
-        (normalised image features ``[b, D]`` fp32, per-sample NLL sums ``[b]`` fp32). ``img_len``: each row's
-        image-part length (columns past it are padding)."""
+        (normalised image features ``[b, D]`` fp32, per-sample NLL sums ``[b]`` fp32)."""
         emb = self.embedding
+        img_len = seq.mask.sum(1)
         cap = long_caption[:, : max(int(lengths.max()), 1)]
         eos = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=cap.device)
         # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
         one = torch.ones(1, dtype=torch.long, device=cap.device)
-        embeds, mask = concat_rows([(img_embeds, img_len), (emb(cap), lengths), (emb(eos), one)])
-        ids, _ = concat_rows([(img_ids, img_len), (cap, lengths), (eos, one)])
-        hidden = self._run_llm(embeds, mask, ids, image=True)
+        embeds, mask = concat_rows([(seq.embeds, img_len), (emb(cap), lengths), (emb(eos), one)])
+        ids, _ = concat_rows([(seq.ids, img_len), (cap, lengths), (eos, one)])
+        hidden = self._run_llm(embeds, mask, ids, image=seq)
         rows = torch.arange(cap.shape[0], device=cap.device)
         feats = F.normalize(hidden[rows, img_len - 1].float(), dim=-1)
         targets, tmask = caption_targets(cap, lengths, self.eos_token_id, complete)
@@ -542,7 +616,7 @@ class VladVA(nn.Module):
         """Caption / answer with the adapters active (the model stays generative).
 
         Args:
-            image: ``[B, 3, S, S]`` preprocessed images.
+            image: ``[B, 3, S, S]`` preprocessed images (dynamic-resolution families: as for ``encode_image``).
             prompt: one instruction for all images, or one per image.
             tokenizer: the model's tokenizer (default: the one it was built with).
             max_new_tokens: generation budget; greedy decoding unless ``generate_kwargs`` say otherwise.
@@ -565,9 +639,9 @@ class VladVA(nn.Module):
         if tok is None:
             raise ValueError("generate needs the tokenizer: pass tokenizer=open_clip.get_tokenizer(name)")
         image = self._check_image(image)
-        prompts = [prompt] * image.shape[0] if isinstance(prompt, str) else list(prompt)
-        if len(prompts) != image.shape[0]:
-            raise ValueError(f"got {len(prompts)} prompts for {image.shape[0]} images")
+        prompts = [prompt] * len(image) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(image):
+            raise ValueError(f"got {len(prompts)} prompts for {len(image)} images")
         splits = [self._image_split(tok, p) for p in prompts]
         rows = [s.ids for s in splits]
         sizes = self.backbone.image_sizes(self.lvlm.config, image)

@@ -184,16 +184,21 @@ def encode_images_with_prompts(model: nn.Module, views: Sequence[nn.Module], pix
     """
     if not views:
         return []
-    if model.backbone.variable_image_tokens:
-        # Each image has its own number of image tokens (LLaVA-NeXT): no prefix is shared across a batch, so every
-        # view runs its own encode_image (the reference path).
+    pixels = model._check_image(pixels)
+    backbone = model.backbone
+    if backbone.variable_image_tokens and not (backbone.dynamic_resolution and isinstance(pixels, torch.Tensor)):
+        # Each image has its own number of image tokens (LLaVA-NeXT; Qwen images of several sizes): no prefix is
+        # shared across a batch, so every view runs its own encode_image (the reference path). A Qwen batch of one
+        # size shares its prefix like any fixed-count family.
         return [v.encode_image(pixels).float() for v in views]
-    feats = image_features(model, pixels)
-    b = feats.shape[0]
+    vision = backbone.vision(model.lvlm, pixels)
+    feats = vision.tokens.to(model.base_dtype)
+    b = pixels.shape[0]
+    size = tuple(pixels.shape[-2:])
     emb = model.embedding
     img_id = image_token_id(model)
     lm = model.language_model
-    ids = [image_input_ids(v) for v in views]
+    ids = [v.image_input_ids(size).to(model.device) for v in views]
     last_image = int((ids[0] == img_id).nonzero().max())
     prefix = min(_common_prefix(ids), min(int(r.numel()) for r in ids) - 1)
     if not reuse or prefix <= last_image:
@@ -206,7 +211,12 @@ def encode_images_with_prompts(model: nn.Module, views: Sequence[nn.Module], pix
 
     def positions(row: torch.Tensor) -> torch.Tensor | None:
         full = row.unsqueeze(0).expand(b, -1)
-        return model.backbone.position_ids(model.lvlm, full, torch.ones_like(full), model.cfg.image_size)
+        return model.backbone.position_ids(model.lvlm, full, torch.ones_like(full), size)
+
+    def injected(row: torch.Tensor) -> dict:
+        """Per-layer vision features (Qwen3-VL's DeepStack) for a pass over ``row``, which holds the image."""
+        slots = (row == img_id).unsqueeze(0).expand(b, -1)
+        return model.backbone.injection_kwargs(vision.layer_tokens, slots)
 
     def sl(pos: torch.Tensor | None, start: int, stop: int | None = None) -> torch.Tensor | None:
         return None if pos is None else pos[..., start:stop]
@@ -216,7 +226,7 @@ def encode_images_with_prompts(model: nn.Module, views: Sequence[nn.Module], pix
         for row in ids:
             mask = torch.ones(b, row.numel(), dtype=torch.long, device=row.device)
             hidden = lm(inputs_embeds=embeds(row), attention_mask=mask, position_ids=positions(row),
-                        use_cache=False).last_hidden_state
+                        use_cache=False, **injected(row)).last_hidden_state
             out.append(hidden[:, -1].float())
         return out
 
@@ -225,8 +235,9 @@ def encode_images_with_prompts(model: nn.Module, views: Sequence[nn.Module], pix
     head = ids[0][:prefix]
     mask = torch.ones(b, prefix, dtype=torch.long, device=head.device)
     pos0 = positions(ids[0])
+    # The shared prefix holds every image token (prefix > last_image), so the tails need no injection.
     lm(inputs_embeds=embeds(head), attention_mask=mask, position_ids=sl(pos0, 0, prefix), use_cache=True,
-       **{key: cache})
+       **{key: cache}, **injected(head))
     for row in ids:
         tail = row[prefix:]
         full_mask = torch.ones(b, row.numel(), dtype=torch.long, device=row.device)

@@ -121,7 +121,8 @@ def _shown_image(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[floa
 def _summary_image_attention(model, preprocess: Callable, data: AnalysisData, indices: Sequence[int],
                              batch_size: int, image_prompt: str | None) -> tuple[torch.Tensor, list[Image.Image]]:
     """``[n, L, H, N_img]`` attention of the summary token over the image tokens, and the images shown."""
-    if model.backbone.variable_image_tokens:
+    # The preprocess of a dynamic-resolution family (Qwen) gives one fixed square: one grid for every image.
+    if model.backbone.variable_image_tokens and not model.backbone.dynamic_resolution:
         raise ValueError(f"attention maps need one square patch grid per image; {model.model_name} "
                          f"({model.backbone.name}) lays each image out as its own anyres tiles, which these maps do "
                          f"not draw. Use a fixed-grid model (LLaVA-1.5, Qwen2-VL) for `analyze attention`")

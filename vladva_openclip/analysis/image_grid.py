@@ -3,7 +3,8 @@
 LLaVA-1.5: one token per ViT patch, row-major over the ``(S/p) x (S/p)`` patch grid (a CLS token first when the
 feature strategy is ``full``). Qwen2-VL: the merger turns each ``m x m`` window of patches into one token, and the
 windows come in row-major order (``backbones.qwen2vl.patchify`` keeps windows contiguous), so token k covers the
-window at ``(k // cols, k % cols)`` of the ``(S/(p*m)) x (S/(p*m))`` grid, ``p*m`` pixels on a side.
+window at ``(k // cols, k % cols)`` of the ``(S/(p*m)) x (S/(p*m))`` grid, ``p*m`` pixels on a side. Qwen2.5-VL
+(its window attention reorders patches only inside the tower) and Qwen3-VL (16-px patches) keep that order.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def _llava_grid(config, image_size: int) -> ImageGrid:
     return ImageGrid(side, side, patch, skip=0 if config.vision_feature_select_strategy == "default" else 1)
 
 
+@register_grid("qwen3vl")
+@register_grid("qwen25vl")
 @register_grid("qwen2vl")
 def _qwen2vl_grid(config, image_size: int) -> ImageGrid:
     unit = int(config.vision_config.patch_size) * int(config.vision_config.spatial_merge_size)

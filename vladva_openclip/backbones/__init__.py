@@ -1,5 +1,5 @@
 """LVLM families. Importing this package registers every built-in family."""
-from . import llava, llava_next, qwen2vl  # noqa: F401  (registration side effect)
+from . import llava, llava_next, qwen2vl, qwen3vl, qwen25vl  # noqa: F401  (registration side effect)
 from .base import BACKBONES, Backbone, get_backbone, register_backbone
 from .sources import BaseModelError, WeightsNotFoundError
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,15 +46,43 @@ def get_backbone(name: str) -> Backbone:
         raise ValueError(f"unknown backbone {name!r}; registered backbones: {sorted(BACKBONES)}") from None
 
 
+def hw(image_size: int | tuple[int, int] | torch.Size) -> tuple[int, int]:
+    """``(height, width)`` of a square side or a pair."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    h, w = image_size
+    return int(h), int(w)
+
+
+@dataclass
+class VisionOutput:
+    """What the vision side hands the LLM for a batch of images, flattened in image order.
+
+    Attributes:
+        tokens: ``[N_total, H_llm]`` projected features that fill the image-token slots, image after image.
+        counts: ``[B]`` image tokens of each image (``N_total = counts.sum()``).
+        layer_tokens: per early LLM layer ``i``, ``[N_total, H_llm]`` features added to that layer's output at the
+            image slots (Qwen3-VL's DeepStack); empty for families that only fill the slots.
+    """
+
+    tokens: torch.Tensor
+    counts: torch.Tensor
+    layer_tokens: list[torch.Tensor] = field(default_factory=list)
+
+
 class Backbone:
     """Interface of one LVLM family. Subclasses set the class attributes and implement the abstract methods."""
 
     name: str = ""
     model_class_name: str = ""  # attribute of ``transformers``
     model_types: tuple[str, ...] = ()  # config.json ``model_type`` values of checkpoints this family loads
-    # True when the number of image tokens depends on each image (LLaVA-NeXT's anyres tiles): the model then
+    # True when the number of image tokens depends on each image (LLaVA-NeXT's anyres tiles, Qwen's dynamic
+    # resolution): the model then
     # assembles right-padded image rows of their own lengths (see VladVA._image_rows).
     variable_image_tokens: bool = False
+    # True when the vision tower takes tensors of any size its check_image_size allows (and per-image sizes within
+    # one batch, as a list of [3, H, W] tensors): the number of image tokens follows each tensor's size (Qwen).
+    dynamic_resolution: bool = False
 
     # ---- construction -------------------------------------------------------------------------------------
     def model_class(self) -> type[nn.Module]:
@@ -183,6 +212,22 @@ class Backbone:
     def image_sizes(self, config, pixels: torch.Tensor) -> list[tuple[int, int]] | None:
         """Original ``(height, width)`` of each image where the token count depends on it; None otherwise."""
         return None
+
+    def vision(self, lvlm: nn.Module, images: torch.Tensor | list[torch.Tensor]) -> VisionOutput:
+        """Everything the vision side gives the LLM for ``images`` (``[B,3,H,W]``, or a list of ``[3,H_i,W_i]``
+        for dynamic-resolution families); the default is :meth:`image_batch`, flattened."""
+        if isinstance(images, (list, tuple)):
+            images = torch.stack(list(images))
+        feats, counts = self.image_batch(lvlm, images)
+        real = torch.arange(feats.shape[1], device=feats.device).unsqueeze(0) < counts.unsqueeze(1)
+        return VisionOutput(feats[real], counts)
+
+    def injection_kwargs(self, layer_tokens: list[torch.Tensor], slots: torch.Tensor) -> dict[str, Any]:
+        """Language-model keyword arguments carrying :attr:`VisionOutput.layer_tokens` into the LLM's early layers,
+        given the image-slot mask ``slots [B, T]`` of the sequence; ``{}`` when there are none."""
+        if layer_tokens:
+            raise NotImplementedError(f"{self.name} produced per-layer visual features but cannot inject them")
+        return {}
 
     def position_ids(
         self, lvlm: nn.Module, ids: torch.Tensor, mask: torch.Tensor, image_size: int | None
