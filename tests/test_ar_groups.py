@@ -3,8 +3,8 @@ its longest caption, with fewer tokens through the language model."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from conftest import perturb_trainables
+from PIL import Image
 
 from vladva_openclip.model import length_groups
 
