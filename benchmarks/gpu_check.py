@@ -69,6 +69,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("kernels", "Fused contrastive loss vs ClipLoss; pooling bandwidth", 110, 20),
     Stage("train", "Training step, LLaVA-1.5-7B shrunk / Qwen2-VL-2B", 140, 30),
     Stage("infer", "Inference throughput vs CLIP ViT-L-14-336", 60, 15),
+    Stage("plan_memory", "vladva plan's total vs measured max_memory_allocated", 60, 20),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -670,6 +671,23 @@ def render_markdown(results: dict[str, Any]) -> str:
         tokens = f"{_fmt(r.get('image_tokens'))} / {_fmt(r.get('text_tokens'))}"
         out.append(f"| {r['label']} | {layers} | {r.get('image_batch', '-')} | {_sig(r['images_per_s'], 4)} | "
                    f"{r.get('text_batch', '-')} | {_sig(r['texts_per_s'], 4)} | {tokens} |")
+    plan = (stages.get("plan_memory") or {}).get("result") or {}
+    if plan.get("cases"):
+        out += ["", "#### Planned against measured memory per GPU (`vladva plan`)", "",
+                ("| model | LLM layers | batch | long caption | checkpointing | planned GiB | measured GiB | "
+                 "planned / measured |"), "|---|---|---|---|---|---|---|---|"]
+        for r in plan["cases"]:
+            if r.get("status") != "ok":
+                out.append(f"| {r.get('label') or r.get('name')} | | {_fmt(r.get('batch'))} | | | "
+                           f"{r.get('status') or r.get('error')} | | |")
+                continue
+            measured = r.get("measured_gib", r.get("measured_saved_gib"))
+            ratio = r.get("planned_over_measured", r.get("planned_over_measured_saved"))
+            what = "" if "measured_gib" in r else " (saved tensors, CPU)"
+            planned = r["planned_gib"] if "measured_gib" in r else r["planned_saved_gib"]
+            out.append(f"| {r['label']} | {r['layers']} | {r['batch']} | {r['long_len']} | "
+                       f"{'on' if r['grad_checkpointing'] else 'off'} | {_fmt(planned, 3)} | "
+                       f"{_fmt(measured, 3)}{what} | {_fmt(ratio, 3)} |")
     return "\n".join(out) + "\n"
 
 

@@ -250,7 +250,9 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path, caplog):
 @pytest.mark.distributed
 def test_two_process_gather_matches_single_process(tmp_path):
     out = tmp_path / "dist.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # the script's folder heads sys.path under torchrun: name this checkout, or the installed package is imported
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(REPO / "tests" / "scripts" / "dist_loss_check.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

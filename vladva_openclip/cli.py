@@ -124,6 +124,53 @@ def _analyze(args: argparse.Namespace) -> int | None:
     return analyze_main(args.rest)
 
 
+# ---- plan ----------------------------------------------------------------------------------------------------
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a registered vladva-* model name (built on the meta device: no weights needed)")
+    p.add_argument("--batch-size", type=int, default=32, help="per-GPU micro-batch, as vladva-train's (default 32)")
+    p.add_argument("--max-short-len", type=int, default=None, help="short-caption tokens (default: the model's)")
+    p.add_argument("--max-long-len", type=int, default=None, help="long-caption tokens (default: the model's)")
+    p.add_argument("--precision", default="amp_bf16", help="as vladva-train's --precision (default amp_bf16)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--accum-freq", type=int, default=1)
+    p.add_argument("--world-size", type=int, default=1, help="GPUs (the plan is per GPU)")
+    p.add_argument("--no-ar", dest="ar", action="store_false", help="plan without the long-caption pass "
+                                                                    "(--ar-weight 0 or --text-pairs)")
+    p.add_argument("--gpu-memory", default=None, help="e.g. 80GB: say whether it fits, and the largest per-GPU "
+                                                      "batch that does")
+    p.add_argument("--base-model", default=None, help="local base directory (its config.json is the architecture)")
+    p.add_argument("--lora-r", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+@register("plan", "memory per GPU of a training run, and the largest batch that fits, before it starts",
+          _plan_arguments)
+def _plan(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # only configs and tokenizers are read; never wait on the network
+    setup_cli_logging(True)
+    from .plan import plan
+    from .registry import is_vladva_name, list_vladva_models
+
+    if not is_vladva_name(args.model):
+        print(f"vladva plan: error: {args.model!r} is not a registered VladVA model; choose from "
+              f"{', '.join(list_vladva_models())}", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("base_model", args.base_model), ("lora_r", args.lora_r)) if v is not None}
+    try:
+        result = plan(args.model, args.batch_size, max_short_len=args.max_short_len, max_long_len=args.max_long_len,
+                      precision=args.precision, grad_checkpointing=args.grad_checkpointing,
+                      accum_freq=args.accum_freq, world_size=args.world_size, ar=args.ar,
+                      gpu_memory=args.gpu_memory, **overrides)
+    except ValueError as err:
+        print(f"vladva plan: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.as_dict(), indent=2) if args.json else result.render())
+    return 0
+
+
 # ---- embed / index / search (vladva_openclip.retrieval) -----------------------------------------------------
 def _register_retrieval() -> None:
     from .retrieval.cli import register_commands

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any, Sequence
 
@@ -82,6 +84,15 @@ class VladVA(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None
         self._ar_chunk = 1024
+        # The image + AR pass runs rows sorted by length (image part + caption) in up to this many groups, each
+        # padded only to its own longest row (same results as one padded batch; 1 = one batch padded to the
+        # batch maximum).
+        self.ar_length_groups = 4
+        # open_clip's accumulation runs every micro-batch twice (features without gradient, then the gradient
+        # pass) on the same image tensor: the frozen vision tower's output of the first pass is kept for the second
+        # when this is on (the trainer turns it on for --accum-freq > 1).
+        self.reuse_vision_features = False
+        self._vision_cache: list[tuple[weakref.ref, int, Any]] = []  # (input, its version, vision output)
         # When set (by the trainer), state_dict()/load_state_dict() cover only what trains, so checkpoints are
         # adapter-sized and resume still loads strictly.
         self.trainable_state_only = False
@@ -267,6 +278,25 @@ class VladVA(nn.Module):
                                   **extra)
         return out.last_hidden_state
 
+    def _vision_features(self, image: torch.Tensor | list[torch.Tensor], source: Any,
+                         compute: Callable[[], Any]) -> Any:
+        """``compute()`` (the frozen vision tower + projector on ``image``), reused from the accumulation's
+        no-gradient pass over the same input tensor ``source`` (identity, not value) when
+        ``reuse_vision_features`` is on. Frozen and deterministic, so the reused output is the one the gradient
+        pass would compute."""
+        if not (self.reuse_vision_features and self.training and isinstance(source, torch.Tensor)):
+            return compute()
+        self._vision_cache = [e for e in self._vision_cache if e[0]() is not None]  # inputs still alive only
+        if torch.is_grad_enabled():
+            for i, (ref, version, feats) in enumerate(self._vision_cache):
+                if ref() is source and source._version == version:  # the same tensor, not written to since
+                    del self._vision_cache[i]
+                    return feats
+            return compute()
+        feats = compute()
+        self._vision_cache.append((weakref.ref(source), source._version, feats))
+        return feats
+
     def _image_body(self, count: int) -> list[int]:
         """The image part's ids with ``count`` image-token slots (the template's own tokens around them kept)."""
         base = self.image_body_id_list
@@ -274,15 +304,17 @@ class VladVA(nn.Module):
         first, last = base.index(tok), len(base) - base[::-1].index(tok)
         return base[:first] + [tok] * count + base[last:]
 
-    def _image_rows(self, image: torch.Tensor | list[torch.Tensor]) -> ImageSequence:
+    def _image_rows(self, image: torch.Tensor | list[torch.Tensor], source: Any = None) -> ImageSequence:
         """Checked images -> the image tower's rows ``[prefix | image tokens | prompt]``, right padded.
+        ``source``: the caller's tensor before dtype/device conversion (the key of the vision-output reuse under
+        accumulation).
 
         Where the number of image tokens depends on the image (LLaVA-NeXT's anyres tiles, Qwen's dynamic
         resolution), each row has its own image tokens, so an item's sequence, positions and summary token are
         those it has alone: its embedding does not depend on the batch.
         """
         emb = self.embedding
-        vision = self.backbone.vision(self.lvlm, image)
+        vision = self._vision_features(image, source, lambda: self.backbone.vision(self.lvlm, image))
         counts = vision.counts.tolist()
         sizes = [hw(im.shape[-2:]) for im in image]
         registered = int(self.image_body_ids.eq(self.backbone.image_token_id(self.lvlm.config)).sum())
@@ -415,10 +447,10 @@ class VladVA(nn.Module):
         Returns:
             (normalised image features ``[B, D]`` fp32, per-sample NLL sums ``[B]`` fp32, token counts ``[B]``).
         """
+        source = image
         image = self._check_image(image)
         long_caption = self._check_text(long_caption)
-        emb = self.embedding
-        seq = self._image_rows(image)
+        seq = self._image_rows(image, source)
         img_embeds, img_ids, img_mask = seq.embeds, seq.ids, seq.mask
         img_len = img_mask.sum(1)
         lengths = caption_lengths(long_caption, self.pad_token_id)
@@ -430,12 +462,37 @@ class VladVA(nn.Module):
             hidden = self._run_llm(img_embeds, img_mask, img_ids, image=seq)
             feats = last_token_pool(hidden, img_mask, normalize=True).float()
             return feats, torch.zeros_like(feats[:, 0]), counts.float()
-        cap = long_caption[:, : int(lengths.max())]
+        # rows cost their image part + caption + EOS: group by that total. Per-layer injected vision features
+        # (Qwen3-VL's deepstack) are laid out over the whole batch's slots: those batches stay one group.
+        groups = ([list(range(len(seq.sizes)))] if seq.vision.layer_tokens
+                  else length_groups((img_len + lengths).tolist(), 1, self.ar_length_groups))
+        if len(groups) == 1:
+            return (*self._ar_pass(seq, long_caption, lengths, complete), counts.float())
+        order = torch.tensor([i for g in groups for i in g], device=lengths.device)
+        parts = []
+        for g in groups:
+            idx = torch.tensor(g, device=lengths.device)
+            sub = replace(seq, embeds=seq.embeds[idx], ids=seq.ids[idx], mask=seq.mask[idx], slots=seq.slots[idx],
+                          sizes=[seq.sizes[i] for i in g])
+            parts.append(self._ar_pass(sub, long_caption[idx], lengths[idx], complete[idx]))
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        feats = torch.cat([p[0] for p in parts])[inverse]
+        nll_sum = torch.cat([p[1] for p in parts])[inverse]
+        return feats, nll_sum, counts.float()
+
+    def _ar_pass(self, seq: ImageSequence, long_caption: torch.Tensor, lengths: torch.Tensor,
+                 complete: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One causal pass over ``[image part | long caption | EOS]`` for rows padded to their longest sequence ->
+        (normalised image features ``[b, D]`` fp32, per-sample NLL sums ``[b]`` fp32)."""
+        emb = self.embedding
+        img_len = seq.mask.sum(1)
+        cap = long_caption[:, : max(int(lengths.max()), 1)]
         eos = torch.full((1, 1), self.eos_token_id, dtype=torch.long, device=cap.device)
         # Rows without a long caption still get the EOS appended (harmless: its targets are masked).
         one = torch.ones(1, dtype=torch.long, device=cap.device)
-        embeds, mask = concat_rows([(img_embeds, img_len), (emb(cap), lengths), (emb(eos), one)])
-        ids, _ = concat_rows([(img_ids, img_len), (cap, lengths), (eos, one)])
+        embeds, mask = concat_rows([(seq.embeds, img_len), (emb(cap), lengths), (emb(eos), one)])
+        ids, _ = concat_rows([(seq.ids, img_len), (cap, lengths), (eos, one)])
         hidden = self._run_llm(embeds, mask, ids, image=seq)
         rows = torch.arange(cap.shape[0], device=cap.device)
         feats = F.normalize(hidden[rows, img_len - 1].float(), dim=-1)
@@ -447,7 +504,7 @@ class VladVA(nn.Module):
         nll = token_nll(pred[tmask], self.backbone.lm_head(self.lvlm).weight, targets[tmask], chunk=self._ar_chunk)
         sample = torch.arange(cap.shape[0], device=cap.device).unsqueeze(1).expand_as(tmask)[tmask]
         nll_sum = torch.zeros(cap.shape[0], device=nll.device, dtype=torch.float32).index_add(0, sample, nll)
-        return feats, nll_sum, counts.float()
+        return feats, nll_sum
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, Any]:
         """open_clip's training/eval forward.
@@ -520,6 +577,13 @@ class VladVA(nn.Module):
             else:
                 groups["lora"].append((name, p))
         return groups
+
+    def unused_trainables(self) -> list[str]:
+        """Trainable parameters the current mode leaves out of the loss (``text_pairs``: the image soft prompt).
+        DDP must be told (``find_unused_parameters``), or it waits for their gradients forever."""
+        if not self.text_pairs:
+            return []
+        return [f"image_prompt.{n}" for n, p in self.image_prompt.named_parameters() if p.requires_grad]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what trains (LoRA, soft prompts, logit_scale), detached, keyed like ``state_dict``."""
@@ -597,6 +661,45 @@ class VladVA(nn.Module):
         out = self.lvlm.generate(**kwargs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                                  eos_token_id=tok.eos_token_id, **generate_kwargs)
         return out[:, width:]
+
+
+def length_groups(lengths: list[int], fixed: int, max_groups: int, min_saving: float = 0.05) -> list[list[int]]:
+    """Rows grouped by caption length so that padding each group to its own longest caption costs the fewest
+    tokens: ``sum(len(g) * (fixed + max length in g))`` over at most ``max_groups`` groups of the rows sorted by
+    length (exact dynamic programme). One group (the rows in their order) unless splitting saves at least
+    ``min_saving`` of the tokens: every extra group is one more, smaller, language-model call.
+
+    Args:
+        lengths: tokens per row that vary (the caption, or the caption plus the row's own image part).
+        fixed: tokens every row has besides ``lengths`` (the image part when it is the same for all rows, EOS).
+        max_groups: the most groups.
+    """
+    n = len(lengths)
+    single = [list(range(n))]
+    if n < 2 or max_groups < 2:
+        return single
+    order = sorted(range(n), key=lambda i: -lengths[i])  # longest first: a group's maximum is its first row
+    srt = [lengths[i] for i in order]
+    inf = float("inf")
+    # best[k][j]: fewest tokens for the first j sorted rows in k groups; cut[k][j]: where the last group starts
+    best = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0
+    for k in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            for i in range(j):
+                cost = best[k - 1][i] + (j - i) * (fixed + srt[i])
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    k = min(range(1, max_groups + 1), key=lambda g: (best[g][n], g))
+    if best[k][n] > (1 - min_saving) * n * (fixed + srt[0]):
+        return single
+    groups, j = [], n
+    while k:
+        i = cut[k][j]
+        groups.append(order[i:j])
+        j, k = i, k - 1
+    return [g for g in reversed(groups) if g]
 
 
 def _trainable_names(model: "VladVA") -> set[str]:

@@ -17,16 +17,27 @@ logged with ``<shard url>:<key>``; the next good sample takes its place, so ever
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
+import os
 import random
 from collections.abc import Callable, Iterator
 
 import torch
-from open_clip_train.data import SharedEpoch, expand_urls, get_dataset_size, tarfile_to_samples_nothrow
+from open_clip_train.data import SharedEpoch, expand_urls, tarfile_to_samples_nothrow
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ._common import IMAGE_ERRORS, CaptionPacker, SkipCounter, clean_caption, load_rgb, sample_seed, seeded_transform
+from ._common import (
+    IMAGE_ERRORS,
+    CaptionPacker,
+    SkipCounter,
+    TrainInputError,
+    clean_caption,
+    load_rgb,
+    sample_seed,
+    seeded_transform,
+)
 
 _logger = logging.getLogger(__name__)
 
@@ -193,6 +204,46 @@ class PackedWebDataset(IterableDataset):
         return batches
 
 
+def count_samples(urls: list[str], flag: str) -> int:
+    """Samples in the shards ``urls``, from the ``sizes.json`` (shard file name -> count) in each shard's folder.
+
+    Sources in different folders (``a/{0..9}.tar::b/{0..4}.tar``) are counted folder by folder. A folder without
+    ``sizes.json`` may hold a ``__len__`` file (open_clip's total for the folder) when all its shards are used.
+    Anything else raises :class:`TrainInputError` naming the folder and what to pass.
+    """
+    by_folder: dict[str, list[str]] = {}
+    for url in urls:
+        by_folder.setdefault(os.path.dirname(url), []).append(os.path.basename(url))
+    total = 0
+    for folder, names in by_folder.items():
+        where = folder or "."
+        sizes_path, len_path = os.path.join(where, "sizes.json"), os.path.join(where, "__len__")
+        if os.path.isfile(sizes_path):
+            try:
+                with open(sizes_path, encoding="utf-8") as f:
+                    sizes = json.load(f)
+            except (OSError, ValueError) as err:
+                raise TrainInputError(f"{sizes_path} is not a JSON object of shard name -> sample count ({err}); "
+                                      f"fix it or pass {flag}") from err
+            missing = [n for n in names if n not in sizes]
+            if missing:
+                raise TrainInputError(
+                    f"{sizes_path} has no count for {len(missing)} shard(s) ({', '.join(missing[:3])}"
+                    f"{', ...' if len(missing) > 3 else ''}): add them, or pass {flag} (the total over all sources)")
+            total += sum(int(sizes[n]) for n in names)
+        elif os.path.isfile(len_path) and len(by_folder) == 1:
+            import ast
+
+            with open(len_path, encoding="utf-8") as f:
+                total += int(ast.literal_eval(f.read().strip()))
+        else:
+            raise TrainInputError(
+                f"number of samples unknown for the shards in {where!r}: pass {flag} (the total over all "
+                f"sources), or write {os.path.join(where, 'sizes.json')} mapping each shard file name to its "
+                "sample count")
+    return total
+
+
 def build_wds_loader(args, urls_spec: str, transform: Callable, packer: CaptionPacker, skips: SkipCounter, *,
                      is_train: bool, epoch: int = 0, floor: bool = False):
     """A DataLoader over :class:`PackedWebDataset` with ``num_batches``/``num_samples`` attached, and its
@@ -206,12 +257,7 @@ def build_wds_loader(args, urls_spec: str, transform: Callable, packer: CaptionP
     world_size = int(getattr(args, "world_size", 1) or 1)
     batch_size = int(args.batch_size)
     if is_train:
-        num_samples = getattr(args, "train_num_samples", None) or get_dataset_size(urls_spec)[0]
-        if not num_samples:
-            raise ValueError(
-                f"number of training samples unknown for {urls_spec!r}: pass --train-num-samples or put a sizes.json "
-                "(shard name -> count) or __len__ file next to the shards"
-            )
+        num_samples = getattr(args, "train_num_samples", None) or count_samples(urls, "--train-num-samples")
         if not resampled and len(urls) < max(1, workers) * world_size:
             raise ValueError(
                 f"{len(urls)} shards cannot feed {max(1, workers)} workers x {world_size} ranks (each needs >= 1 "
@@ -223,7 +269,12 @@ def build_wds_loader(args, urls_spec: str, transform: Callable, packer: CaptionP
         num_batches = num_worker_batches * max(1, workers)
         num_samples = num_batches * global_batch
     else:
-        num_samples = getattr(args, "val_num_samples", None) or get_dataset_size(urls_spec)[0] or 0
+        num_samples = getattr(args, "val_num_samples", None)
+        if not num_samples:
+            try:
+                num_samples = count_samples(urls, "--val-num-samples")
+            except TrainInputError:
+                num_samples = 0  # as open_clip_train: an unknown validation size is not an error
         num_batches = math.ceil(num_samples / batch_size)
         num_worker_batches = None
     shared_epoch = SharedEpoch(epoch=epoch)

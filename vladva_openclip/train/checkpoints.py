@@ -166,6 +166,15 @@ def _progress_from_name(name: str) -> tuple[int, int] | None:
     return None
 
 
+def safe_pt_load(path: str, map_location: Any = None) -> Any:
+    """open_clip_train's ``pt_load`` (local or fsspec URL) with ``weights_only=True`` passed explicitly: an explicit
+    argument wins over ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, so a pickle payload in a checkpoint never runs."""
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return torch.load(f, map_location=map_location, weights_only=True)
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint dict with tensors memory-mapped (cheap: nothing but the pickle is read). Raises on a file
     that is not a complete checkpoint, e.g. a truncated one (its zip directory, at the end, is missing)."""

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .. import install
+from ..loss import LOCAL_LOSS_ALONE
 from ..progress import progress as tqdm
 from ..registry import is_vladva_name
 from ._common import TrainInputError
@@ -33,8 +34,10 @@ from .checkpoints import (
     find_resume_checkpoint,
     health_record,
     mark_unusable,
+    safe_pt_load,
     unusable_reason,
 )
+from .scale import default_precision, flag_given, log_plan, report_base_precision
 
 _logger = logging.getLogger(__name__)
 
@@ -49,6 +52,7 @@ class RunState:
         self.optimizer: torch.optim.Optimizer | None = None
         self.resume_batches = 0  # batches of the resumed epoch already trained
         self.restore_save_most_recent = False
+        self.precision_given = True  # --precision on the command line (else the VladVA default was chosen)
         self.step_save_deferred = False  # a step checkpoint fell due during a non-finite streak
         self.temp_files_cleaned = False
         self.on_step: Callable[[], None] | None = None  # main()'s between-steps callback
@@ -208,12 +212,27 @@ class ResumableLoader:
             bar.close()
 
 
-class _CpuSafeDDP(torch.nn.parallel.DistributedDataParallel):
-    """open_clip_train passes ``device_ids=[device]`` even for CPU, which DDP rejects; CPU (gloo) needs None."""
+_DDP = torch.nn.parallel.DistributedDataParallel
+
+
+class _VladVADDP(_DDP):
+    """open_clip_train's DDP, with two fixes:
+
+    * it passes ``device_ids=[device]`` even for CPU, which DDP rejects; CPU (gloo) needs None;
+    * a mode that leaves a trainable parameter out of the graph (``--text-pairs``: the image soft prompt) would stop
+      DDP at the second step ("Expected to have finished reduction in the prior iteration") after a first step with
+      unsynchronised gradients: such models get ``find_unused_parameters=True`` (the model says which,
+      ``unused_trainables()``).
+    """
 
     def __init__(self, module, device_ids=None, **kwargs):
         if device_ids is not None and all(torch.device(d).type == "cpu" for d in device_ids):
             device_ids = None
+        unused = module.unused_trainables() if callable(getattr(module, "unused_trainables", None)) else []
+        if unused and not kwargs.get("static_graph"):
+            kwargs.setdefault("find_unused_parameters", True)
+            _logger.info("DDP: %d trainable tensor(s) unused in this mode (%s); find_unused_parameters on",
+                         len(unused), ", ".join(unused[:3]))
         super().__init__(module, device_ids=device_ids, **kwargs)
 
 
@@ -224,7 +243,6 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
 
     original_parse = ocm.parse_args
     original_create = ocm.create_model_and_transforms
-    original_pt_load = ocm.pt_load
     original_train_one_epoch = ocm.train_one_epoch
     original_get_latest = ocm.get_latest_checkpoint
     vargs = state.vargs
@@ -234,6 +252,11 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         for key, value in vars(vargs).items():
             setattr(args, key, value)
         check_learning_rate(args.lr, [1.0, vargs.soft_prompt_lr_scale], args.wd)
+        if args.local_loss and not args.gather_with_grad:
+            raise TrainInputError(LOCAL_LOSS_ALONE)
+        if is_vladva_name(args.model) and not flag_given(argv, "--precision"):
+            args.precision = default_precision()
+        state.precision_given = flag_given(argv, "--precision")
         if args.resume == "latest" and args.remote_sync is None and args.save_most_recent:
             # With --save-most-recent, open_clip_train looks only at epoch_latest.pt and would miss the step
             # checkpoints; hidden for its lookup (which then calls get_latest_checkpoint below), restored when the
@@ -258,9 +281,12 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         out = original_create(model_name, *a, **kw)
         state.model = out[0]
         if is_vladva_name(model_name):
+            report_base_precision(state.model, kw.get("precision", "fp32"), state.precision_given)
             state.model.trainable_state_only = True  # checkpoints hold only what trains
             # --ar-weight 0: the long-caption pass would cost a forward over every long caption for nothing
             state.model.compute_ar = bool(vargs.ar_weight) and not vargs.text_pairs
+            # --accum-freq: the gradient pass reuses the caching pass's vision-tower output (same input tensor)
+            state.model.reuse_vision_features = int(getattr(state.args, "accum_freq", 1) or 1) > 1
             state.model.text_pairs = bool(vargs.text_pairs)
             for flag in ("max_short_len", "max_long_len"):  # the model's own defaults (real models: the paper's)
                 if getattr(state.args, flag, None) is None:
@@ -275,9 +301,12 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         if not is_vladva_name(args.model):
             from open_clip import create_loss as oc_create_loss
             return oc_create_loss(args)
+        if ocm.is_master(args) and state.model is not None:
+            log_plan(state.model, args, vargs)
         return VladVALoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad, cache_labels=True,
                           rank=args.rank, world_size=args.world_size, use_horovod=args.horovod,
-                          contrastive_weight=vargs.contrastive_weight, ar_weight=vargs.ar_weight)
+                          contrastive_weight=vargs.contrastive_weight, ar_weight=vargs.ar_weight,
+                          accum_freq=args.accum_freq)
 
     def adamw(groups, **kw):
         model = state.model
@@ -290,7 +319,7 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
 
     def pt_load(path, map_location=None):
         try:
-            ckpt = original_pt_load(path, map_location=map_location)
+            ckpt = safe_pt_load(path, map_location=map_location)
         except FileNotFoundError as err:
             raise TrainInputError(f"--resume {path}: no such checkpoint file") from err
         except Exception as err:  # (truncated, not a checkpoint, or holding pickled code)
@@ -376,8 +405,7 @@ def _make_hooks(state: RunState, ocm, ocs, oct) -> dict[tuple[Any, str], Any]:
         (ocm, "torch"): _TorchWithAtomicSave(state, ocm.LATEST_CHECKPOINT_NAME),
         (ocs, "assign_learning_rate"): assign_learning_rate,
     }
-    if not torch.cuda.is_available():
-        hooks[(torch.nn.parallel, "DistributedDataParallel")] = _CpuSafeDDP
+    hooks[(torch.nn.parallel, "DistributedDataParallel")] = _VladVADDP
     return hooks
 
 
