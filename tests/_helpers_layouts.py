@@ -157,21 +157,41 @@ def write_hub_checkpoint(config: dict, dest: Path, dtype: torch.dtype, seed: int
     return dest
 
 
+def write_model_dir(dest: Path, config: dict, dtype: torch.dtype, vocabulary: str, preprocessor: dict,
+                    processor: dict | None = None) -> Path:
+    """A complete hub-layout directory: sharded weights and config, a real tokenizer from ../shared (the folder
+    name under tokenizers/), ``preprocessor_config.json`` and, where the family has one, ``processor_config.json``."""
+    write_hub_checkpoint(config, dest, dtype)
+    unpack_tokenizer(vocabulary, dest)
+    (dest / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2))
+    if processor is not None:
+        (dest / "processor_config.json").write_text(json.dumps(processor, indent=2))
+    return dest
+
+
 def write_llava_dir(dest: Path, **sizes) -> Path:
     """A complete llava-hf style directory: weights, config, real tokenizer, processor configs."""
-    write_hub_checkpoint(llava_config_json(**sizes), dest, torch.float16)
-    unpack_tokenizer("llava-1.5", dest)
-    (dest / "preprocessor_config.json").write_text(json.dumps(LLAVA_PREPROCESSOR, indent=2))
-    (dest / "processor_config.json").write_text(json.dumps(LLAVA_PROCESSOR, indent=2))
-    return dest
+    return write_model_dir(dest, llava_config_json(**sizes), torch.float16, "llava-1.5", LLAVA_PREPROCESSOR,
+                           LLAVA_PROCESSOR)
 
 
 def write_qwen2vl_dir(dest: Path, **sizes) -> Path:
     """A complete Qwen2-VL-Instruct style directory: weights, config, real tokenizer, preprocessor config."""
-    write_hub_checkpoint(qwen2vl_config_json(**sizes), dest, torch.bfloat16)
-    unpack_tokenizer("qwen2-vl", dest)
-    (dest / "preprocessor_config.json").write_text(json.dumps(QWEN_PREPROCESSOR, indent=2))
-    return dest
+    return write_model_dir(dest, qwen2vl_config_json(**sizes), torch.bfloat16, "qwen2-vl", QWEN_PREPROCESSOR)
+
+
+def build_side_by_side(dirs: dict[str, Path], names: dict[str, str]) -> dict[str, tuple]:
+    """family -> (VladVA model, preprocess_val, transformers reference model, AutoProcessor of the directory), each
+    built from the family's directory in ``dirs`` under the registered name in ``names``; both models in eval mode."""
+    import open_clip
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = {}
+    for family, path in dirs.items():
+        model, _, preprocess = open_clip.create_model_and_transforms(names[family], base_model=str(path))
+        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        out[family] = (model.eval(), preprocess, hf, AutoProcessor.from_pretrained(path))
+    return out
 
 
 def photo_like(width: int, height: int, seed: int = 0):

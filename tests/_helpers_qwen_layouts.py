@@ -15,11 +15,10 @@ file layout are the real ones.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from _helpers_layouts import CLIP_MEAN, CLIP_STD, unpack_tokenizer, write_hub_checkpoint
+from _helpers_layouts import CLIP_MEAN, CLIP_STD, write_model_dir
 
 QWEN25_PREPROCESSOR = {
     "min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
@@ -79,15 +78,9 @@ def qwen3vl_config_json(hidden: int = 64, layers: int = 3, depth: int = 3) -> di
 
 def write_qwen25vl_dir(dest: Path, **sizes) -> Path:
     """A complete Qwen2.5-VL-Instruct style directory: weights, config, real tokenizer, preprocessor config."""
-    write_hub_checkpoint(qwen25vl_config_json(**sizes), dest, torch.bfloat16)
-    unpack_tokenizer("qwen2-vl", dest)
-    (dest / "preprocessor_config.json").write_text(json.dumps(QWEN25_PREPROCESSOR, indent=2))
-    return dest
+    return write_model_dir(dest, qwen25vl_config_json(**sizes), torch.bfloat16, "qwen2-vl", QWEN25_PREPROCESSOR)
 
 
 def write_qwen3vl_dir(dest: Path, **sizes) -> Path:
     """A complete Qwen3-VL-Instruct style directory: weights, config, real tokenizer, preprocessor config."""
-    write_hub_checkpoint(qwen3vl_config_json(**sizes), dest, torch.bfloat16)
-    unpack_tokenizer("qwen3", dest)
-    (dest / "preprocessor_config.json").write_text(json.dumps(QWEN3_PREPROCESSOR, indent=2))
-    return dest
+    return write_model_dir(dest, qwen3vl_config_json(**sizes), torch.bfloat16, "qwen3", QWEN3_PREPROCESSOR)

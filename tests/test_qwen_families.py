@@ -11,7 +11,7 @@ multiples of the patch unit and whose pixel count is in its band, so both see th
 """
 import pytest
 import torch
-from _helpers_layouts import needs_real_tokenizers, photo_like
+from _helpers_layouts import build_side_by_side, needs_real_tokenizers, photo_like
 from _helpers_qwen_layouts import write_qwen3vl_dir, write_qwen25vl_dir
 from test_real_layouts import CAPTIONS, _plain_text_ids
 
@@ -34,15 +34,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(dirs):
     """family -> (VladVA model, preprocess_val, transformers reference model, AutoProcessor of the directory)."""
-    import open_clip
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    out = {}
-    for family, path in dirs.items():
-        model, _, preprocess = open_clip.create_model_and_transforms(NAMES[family], base_model=str(path))
-        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-        out[family] = (model.eval(), preprocess, hf, AutoProcessor.from_pretrained(path))
-    return out
+    return build_side_by_side(dirs, NAMES)
 
 
 def _full(model, tower: str, body: str, prompt: str | None = None) -> str:

@@ -19,6 +19,7 @@ import re
 import pytest
 import torch
 from _helpers_layouts import (
+    build_side_by_side,
     llava_config_json,
     needs_real_tokenizers,
     photo_like,
@@ -46,15 +47,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(dirs):
     """family -> (VladVA model, preprocess_val, transformers reference model, AutoProcessor of the directory)."""
-    import open_clip
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    out = {}
-    for family, path in dirs.items():
-        model, _, preprocess = open_clip.create_model_and_transforms(NAMES[family], base_model=str(path))
-        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-        out[family] = (model.eval(), preprocess, hf, AutoProcessor.from_pretrained(path))
-    return out
+    return build_side_by_side(dirs, NAMES)
 
 
 def _full(model, tower: str, body: str) -> str:

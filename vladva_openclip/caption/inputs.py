@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from ..retrieval.sources import FolderSource, Sample, Source, TableSource, WebDatasetSource, _decode, _raw_samples
+from ..retrieval.sources import FolderSource, Source, TableSource, WebDatasetSource, _TarDataset
 from ..train._common import clean_caption
 
 __all__ = ["CaptionFolder", "CaptionTable", "CaptionWebDataset", "open_caption_source", "partition_names"]
@@ -75,27 +75,12 @@ class CaptionTable(TableSource):
         return {**super().describe(), "key_column": self.key_column}
 
 
-class _CaptionTar(IterableDataset):
-    """The samples of one tar in order (worker ``w`` of ``W`` decodes rows ``w, w+W, ...``), caption from
-    ``caption_key`` or the json member's ``caption``."""
+class _CaptionTar(_TarDataset):
+    """The samples of one tar in order, as ``vladva embed`` reads them, the caption from ``caption_key`` or else
+    the json member's ``caption`` (img2dataset writes both)."""
 
-    def __init__(self, url: str, caption_key: str, image_keys: tuple[str, ...], transform: Callable | None):
-        self.url, self.caption_key, self.image_keys, self.transform = url, caption_key, image_keys, transform
-
-    def __iter__(self) -> Iterator[Sample]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        errors: list[BaseException] = []
-        row = -1
-        for row, raw in enumerate(_raw_samples(self.url, errors.append)):
-            if row % workers != worker:
-                continue
-            img_key = next((k for k in self.image_keys if k in raw), None)
-            sample = Sample(row, str(raw.get("__key__", row)), wds_caption(raw, self.caption_key), shard=self.url)
-            yield _decode(sample, raw.get(img_key) if img_key else None, self.transform)
-        if errors and worker == 0:
-            yield Sample(row + 1, f"{self.url}:<after row {row}>", None, shard=self.url,
-                         error=f"tar stream error: {type(errors[0]).__name__}: {errors[0]}")
+    def caption(self, raw: dict, key: str) -> str | None:
+        return wds_caption(raw, self.caption_key)
 
 
 def wds_caption(raw: dict, caption_key: str) -> str | None:

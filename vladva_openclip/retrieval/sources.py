@@ -304,6 +304,15 @@ class _TarDataset(IterableDataset):
     def __init__(self, url: str, caption_key: str, image_keys: tuple[str, ...], transform: Callable | None):
         self.url, self.caption_key, self.image_keys, self.transform = url, caption_key, image_keys, transform
 
+    def caption(self, raw: dict, key: str) -> str | None:
+        """The sample's caption from ``caption_key``; one that is not UTF-8 is logged and the image kept without it."""
+        try:
+            return clean_caption(raw.get(self.caption_key))
+        except UnicodeDecodeError as err:  # the image is still embedded, without a caption
+            _logger.warning("%s: the caption of sample %s is not UTF-8 text (byte %d); embedded without one",
+                            self.url, key, err.start)
+            return None
+
     def __iter__(self) -> Iterator[Sample]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
@@ -314,13 +323,7 @@ class _TarDataset(IterableDataset):
                 continue
             img_key = next((k for k in self.image_keys if k in raw), None)
             key = str(raw.get("__key__", row))
-            try:
-                caption = clean_caption(raw.get(self.caption_key))
-            except UnicodeDecodeError as err:  # the image is still embedded, without a caption
-                _logger.warning("%s: the caption of sample %s is not UTF-8 text (byte %d); embedded without one",
-                                self.url, key, err.start)
-                caption = None
-            sample = Sample(row, key, caption, shard=self.url)
+            sample = Sample(row, key, self.caption(raw, key), shard=self.url)
             yield _decode(sample, raw.get(img_key) if img_key else None, self.transform)
         if errors and worker == 0:  # a broken stream ends the tar early: one record for the rest of it
             yield Sample(row + 1, f"{self.url}:<after row {row}>", None, shard=self.url,
