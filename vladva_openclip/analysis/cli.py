@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cli_options import key_values
+
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 _logger = logging.getLogger(__name__)
@@ -81,15 +83,7 @@ def _indices(text: list[str] | None) -> list[int] | None:
 def _models(args: argparse.Namespace, single: bool = False):
     from .models import ModelRef, load_models, parse_model_ref
 
-    options = {}
-    for item in args.model_option:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model-option expects KEY=VALUE, got {item!r}")
-        try:
-            options[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            options[key] = raw
+    options = key_values(args.model_option, "--model-option")
     refs = [parse_model_ref(m) for m in args.model]
     if single and len(refs) != 1:
         raise ValueError(f"this analysis takes one --model, got {len(refs)}")

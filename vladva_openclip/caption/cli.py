@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 
+from ..cli_options import key_values
 from .prompts import PRESETS
 
 
@@ -74,19 +75,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     i.add_argument("--quiet", action="store_true")
 
 
-def _vllm_args(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--vllm-arg {item!r}: write KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def config_from_args(args: argparse.Namespace):
     from .config import CaptionJobConfig, GenerationSettings, QualitySettings
 
@@ -112,7 +100,7 @@ def config_from_args(args: argparse.Namespace):
         img_key=args.img_key, caption_key=args.caption_key, key_column=args.key_column,
         csv_separator=args.csv_separator, wds_caption_key=args.wds_caption_key, clip_model=args.clip_model,
         clip_pretrained=args.clip_pretrained, write_wds=args.write_wds, write_csv=args.write_csv,
-        vllm_args=_vllm_args(args.vllm_arg), overwrite=args.overwrite, progress=args.progress)
+        vllm_args=key_values(args.vllm_arg, "--vllm-arg"), overwrite=args.overwrite, progress=args.progress)
 
 
 def _verify(out: str) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 from torch.utils.data import IterableDataset
 
-from ..retrieval.sources import FolderSource, Source, TableSource, WebDatasetSource, _TarDataset
+from ..retrieval.sources import FolderSource, Source, TableSource, WebDatasetSource, _TarDataset, detect_input_format
 from ..train._common import clean_caption
 
 __all__ = ["CaptionFolder", "CaptionTable", "CaptionWebDataset", "open_caption_source", "partition_names"]
@@ -123,16 +123,7 @@ def open_caption_source(path: str, input_format: str = "auto", *, img_key: str |
                         separator: str | None = None, wds_caption_key: str = "txt") -> Source:
     """The source for ``path``; ``auto`` decides by what it is (folder, .csv/.tsv/.parquet, .tar / braces)."""
     if input_format == "auto":
-        first = str(path).split("::")[0].lower()
-        if os.path.isdir(path):
-            input_format = "folder"
-        elif first.endswith((".csv", ".tsv", ".parquet")):
-            input_format = "table"
-        elif ".tar" in first or "{" in first:
-            input_format = "webdataset"
-        else:
-            raise ValueError(f"cannot tell what {path!r} is: give an image folder, a .csv/.tsv/.parquet table or .tar "
-                             "webdataset shards, or say which with --input-format folder|table|webdataset")
+        input_format = detect_input_format(path, (".csv", ".tsv", ".parquet"))
     builders: dict[str, Callable[[], Source]] = {
         "folder": lambda: CaptionFolder(path),
         "table": lambda: CaptionTable(path, img_key, caption_key, key_column, separator),

@@ -330,21 +330,27 @@ class _TarDataset(IterableDataset):
                          error=f"tar stream error: {type(errors[0]).__name__}: {errors[0]}")
 
 
+def detect_input_format(path: str, table_suffixes: tuple[str, ...]) -> str:
+    """``folder``, ``table`` (a file ending in one of ``table_suffixes``) or ``webdataset`` (.tar or a brace
+    pattern), by what ``path`` is; anything else is a one-line error naming the choices."""
+    first = str(path).split("::")[0].lower()
+    if os.path.isdir(path):
+        return "folder"
+    if first.endswith(table_suffixes):
+        return "table"
+    if ".tar" in first or "{" in first:
+        return "webdataset"
+    tables = "/".join(table_suffixes)
+    raise ValueError(f"cannot tell what {path!r} is: give an image folder, a {tables} table or .tar "
+                     "webdataset shards, or say which with --input-format folder|table|webdataset")
+
+
 def open_source(path: str, input_format: str = "auto", *, csv_img_key: str = "filepath",
                 csv_caption_key: str | None = None, csv_separator: str | None = None,
                 wds_caption_key: str = "txt") -> Source:
     """The :class:`Source` for ``path``; ``input_format`` ``auto`` decides by what ``path`` is."""
     if input_format == "auto":
-        first = str(path).split("::")[0]
-        if os.path.isdir(path):
-            input_format = "folder"
-        elif first.lower().endswith((".csv", ".tsv")):
-            input_format = "table"
-        elif ".tar" in first.lower() or "{" in first:
-            input_format = "webdataset"
-        else:
-            raise ValueError(f"cannot tell what {path!r} is: give an image folder, a .csv/.tsv table or .tar "
-                             "webdataset shards, or say which with --input-format folder|table|webdataset")
+        input_format = detect_input_format(path, (".csv", ".tsv"))
     builders: dict[str, Callable[[], Source]] = {
         "folder": lambda: FolderSource(path),
         "table": lambda: TableSource(path, csv_img_key, csv_caption_key, csv_separator),

@@ -83,3 +83,12 @@ def register_backend(name: str) -> Callable[[Builder], Builder]:
         BACKENDS[name] = builder
         return builder
     return add
+
+
+def device_and_precision(config: CaptionJobConfig, ctx: Any) -> tuple[Any, str]:
+    """The ``torch.device`` a backend runs on (``--device``, else the rank's default) and its precision
+    (``--precision``, else bf16 on CUDA and fp32 elsewhere)."""
+    import torch
+
+    device = torch.device(config.device) if config.device else ctx.default_device()
+    return device, config.precision or ("bf16" if device.type == "cuda" else "fp32")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._hfdir import checkpoint_fingerprint, model_type, prompt_builder, resolve_path
-from .base import Captioner, Generation, keep_image, register_backend
+from .base import Captioner, Generation, device_and_precision, keep_image, register_backend
 
 __all__ = ["HFCaptioner"]
 
@@ -95,8 +95,7 @@ class HFCaptioner(Captioner):
 def build(config, ctx) -> HFCaptioner:
     if not config.hf_model:
         raise ValueError("--backend hf needs --hf-model DIR (a transformers image-text-to-text checkpoint)")
-    device = torch.device(config.device) if config.device else ctx.default_device()
-    precision = config.precision or ("bf16" if device.type == "cuda" else "fp32")
+    device, precision = device_and_precision(config, ctx)
     if precision not in DTYPES:
         raise ValueError(f"--precision {precision!r} for --backend hf: choose from {sorted(DTYPES)}")
     return HFCaptioner(config.hf_model, device, DTYPES[precision])

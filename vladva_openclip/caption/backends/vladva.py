@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .base import Captioner, Generation, register_backend
+from .base import Captioner, Generation, device_and_precision, register_backend
 
 __all__ = ["VladVACaptioner"]
 
@@ -77,8 +77,7 @@ def build(config, ctx) -> VladVACaptioner:
 
     if not config.model:
         raise ValueError("--backend vladva needs --model (a vladva-* model name) and usually --pretrained")
-    device = torch.device(config.device) if config.device else ctx.default_device()
-    precision = config.precision or ("bf16" if device.type == "cuda" else "fp32")
+    device, precision = device_and_precision(config, ctx)
     spec = ModelSpec(config.model, config.pretrained)
     model, preprocess, tokenizer = load_model(spec, device=device, precision=precision)
     return VladVACaptioner(model, preprocess, tokenizer, label=spec.label)
